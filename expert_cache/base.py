@@ -1,0 +1,150 @@
+"""The contract between the model and the expert cache.
+
+The cache knows experts only as keys ``(layer, expert)`` made of named parts (byte ranges in
+safetensors files, typed tensors on the device). It never imports ``server`` and knows nothing
+about requests: pinning is reference-counted, and whoever pins a key releases it.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+ExpertKey = tuple[int, int]  # (layer, expert id within the layer)
+
+
+class SlotsExhausted(RuntimeError):
+    """More distinct experts must be pinned at once than the device tier has free slots.
+
+    Raised by ``acquire`` before anything is pinned or loaded, so the caller can back off
+    (finish or preempt other work) and retry: no deadlock, no partial state.
+    """
+
+    def __init__(self, layer: int, needed: int, free: int, capacity: int) -> None:
+        super().__init__(
+            f"layer {layer}: {needed} experts must be pinned at once but only {free} of "
+            f"{capacity} device slots are free"
+        )
+        self.layer, self.needed, self.free, self.capacity = layer, needed, free, capacity
+
+
+@dataclass(frozen=True)
+class TensorChunk:
+    """Where some bytes of one expert part live on disk: ``nbytes`` at ``offset`` of ``path``,
+    holding ``numel`` elements of ``dtype`` (the file's dtype; the cache converts to the slab's)."""
+
+    path: Path
+    tensor_name: str
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    numel: int
+
+
+@dataclass(frozen=True)
+class PartSpec:
+    """One named tensor of an expert, e.g. ``gate_up`` [2I, H] or ``down`` [H, I]."""
+
+    name: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ExpertCatalog:
+    """Everything the cache must know about a checkpoint's pageable experts.
+
+    ``parts[layer]`` lists the parts of every expert of that layer (all experts of a layer have
+    the same shapes); layers with equal part lists share one slab of slots. ``chunks[key][part]``
+    lists the byte ranges that, concatenated in order, fill that part of the expert.
+    """
+
+    parts: dict[int, tuple[PartSpec, ...]]
+    chunks: dict[ExpertKey, dict[str, tuple[TensorChunk, ...]]]
+    dtype: torch.dtype  # dtype of the slabs the model computes on
+
+    def expert_bytes(self, layer: int) -> int:
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return sum(itemsize * _numel(p.shape) for p in self.parts[layer])
+
+    def keys(self) -> list[ExpertKey]:
+        return sorted(self.chunks)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+@dataclass
+class TierStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    resident: int = 0
+    resident_bytes: int = 0
+    capacity_bytes: int = 0
+
+
+@dataclass
+class CacheStats:
+    device: TierStats = field(default_factory=TierStats)
+    host: TierStats = field(default_factory=TierStats)
+    bytes_loaded_from_host: int = 0
+    bytes_loaded_from_disk: int = 0
+    pinned_slots: int = 0
+    capacity_slots: int = 0
+
+
+class ExpertStore(ABC):
+    """Gives the model device tensors of experts it asks for, by slot.
+
+    Contract:
+    - ``slab(layer)[part]`` is a device tensor ``[num_slots, *part.shape]`` in the catalog's dtype;
+      it never moves or changes shape, so the model may keep references to it.
+    - ``acquire(keys)`` pins every key (a reference count per key), loads the ones not resident,
+      and returns their slot ids in the order given. Duplicate keys are allowed. On return every
+      returned slot holds its expert, or the copies filling it are ordered before any later work
+      on the compute stream (no read before a copy completes). A pinned slot is never evicted or
+      overwritten. All keys of one call must be of one slab (one layer shape).
+    - ``acquire`` raises ``SlotsExhausted`` and pins nothing when the keys cannot all be pinned.
+    - ``release(keys)`` drops one pin per key given (the same multiset that was acquired).
+    - ``prefetch(keys)`` is best effort: it loads what fits into free unpinned slots, never
+      evicts a pinned slot, may do nothing, and never raises for lack of room.
+    - Device bytes of slabs never exceed the configured budget. Methods are thread-safe.
+    """
+
+    lock: threading.RLock
+
+    @abstractmethod
+    def slab(self, layer: int) -> dict[str, torch.Tensor]: ...
+
+    @abstractmethod
+    def acquire(self, keys: Sequence[ExpertKey]) -> torch.Tensor:
+        """Pin ``keys``; return int64 slot ids ``[len(keys)]`` on the slab's device."""
+
+    @abstractmethod
+    def release(self, keys: Sequence[ExpertKey]) -> None: ...
+
+    @abstractmethod
+    def prefetch(self, keys: Sequence[ExpertKey]) -> None: ...
+
+    @abstractmethod
+    def capacity(self, layer: int) -> int:
+        """Number of slots in the slab that serves ``layer``."""
+
+    @abstractmethod
+    def free_slots(self, layer: int) -> int:
+        """Slots of ``layer``'s slab not pinned now: how many more distinct keys fit a pin."""
+
+    @abstractmethod
+    def is_resident(self, key: ExpertKey) -> bool: ...
+
+    @abstractmethod
+    def stats(self) -> CacheStats: ...

@@ -1,0 +1,19 @@
+"""Fixtures shared by every test package: small synthetic checkpoints, written once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tests are many small tensor ops; extra threads only contend on the 2-core CI machine.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_emo_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic `tiny` EMO checkpoint (planted domains, seed 0), fp32 weights."""
+    from server.model.synth import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("tiny-emo"), "tiny", seed=0, dtype="fp32")
