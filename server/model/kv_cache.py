@@ -1,0 +1,38 @@
+"""Per-layer key/value storage indexed by (slot, position).
+
+A slot holds one sequence; the engine owns the mapping from requests to slots.
+Layout per layer: ``k[layer]``, ``v[layer]``: [num_slots, num_kv_heads, max_len, head_dim].
+"""
+
+from __future__ import annotations
+
+import torch
+
+from server.model.config import ModelConfig
+
+
+class KVCache:
+    def __init__(
+        self,
+        config: ModelConfig,
+        num_slots: int,
+        max_len: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ) -> None:
+        if num_slots <= 0 or max_len <= 0:
+            raise ValueError(f"KVCache needs num_slots > 0 and max_len > 0, got {num_slots}, {max_len}")
+        self.num_slots, self.max_len, self.dtype = num_slots, max_len, dtype
+        self.device = torch.device(device)
+        shape = (num_slots, config.num_kv_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(config.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(config.num_layers)]
+
+    @staticmethod
+    def bytes_per_slot(config: ModelConfig, max_len: int, dtype: torch.dtype) -> int:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * config.num_layers * config.num_kv_heads * max_len * config.head_dim * itemsize
+
+    def check_positions(self, last_position: int) -> None:
+        if last_position >= self.max_len:
+            raise ValueError(f"position {last_position} is past the KV cache length {self.max_len}")

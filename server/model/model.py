@@ -1,0 +1,177 @@
+"""The decoder shared by every family: prefill (one prompt into a KV slot) and batched decode."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from expert_cache.base import ExpertKey, ExpertStore
+from server.model.attention import Attention
+from server.model.config import ModelConfig
+from server.model.kv_cache import KVCache
+from server.model.layers import RMSNorm, SwiGLU, frozen
+from server.model.moe import MoEBlock
+from server.model.pool import pool_mask, pool_scores, select_pool
+from server.model.rope import RotaryEmbedding
+from server.model.weights import build_layer_modules
+
+
+@dataclass
+class PrefillOutput:
+    logits: torch.Tensor  # float32 [T, V] (all_logits) or [1, V]
+    pools: list[torch.Tensor | None] | None  # per layer sorted pool ids; None: dense / full routing
+    pinned: list[ExpertKey]  # pin_pool=True: pins the caller owns and must release
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, attn_norm: RMSNorm, attn: Attention, mlp_norm: RMSNorm,
+                 mlp: MoEBlock | SwiGLU) -> None:
+        super().__init__()
+        self.attn_norm, self.attn, self.mlp_norm, self.mlp = attn_norm, attn, mlp_norm, mlp
+
+
+class MoETransformer(nn.Module):
+    def __init__(
+        self, config: ModelConfig, tensors: dict[str, torch.Tensor], expert_store: ExpertStore
+    ) -> None:
+        """``tensors``: the trunk by checkpoint name (see weights.read_trunk), on the target
+        device in the compute dtype. Routable experts live only in ``expert_store``."""
+        super().__init__()
+        self.config, self.expert_store = config, expert_store
+        names = config.names
+        self.embed = frozen(tensors[names.embed])  # [V, H]
+        self.lm_head = self.embed if config.tie_word_embeddings else frozen(tensors[names.lm_head])
+        self.norm = RMSNorm(tensors[names.final_norm], config.rms_norm_eps)
+        self.layers = nn.ModuleList(
+            DecoderLayer(*build_layer_modules(config, layer, tensors, expert_store))
+            for layer in range(config.num_layers)
+        )
+        self.rope = RotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings)
+        self.rope.to(self.embed.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.norm(x), self.lm_head).float()
+
+    @torch.inference_mode()
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        kv: KVCache,
+        slot: int,
+        *,
+        pool_size: int | None,
+        pin_pool: bool = False,
+        all_logits: bool = False,
+    ) -> PrefillOutput:
+        T = int(input_ids.shape[0])
+        if input_ids.dim() != 1 or T == 0:
+            raise ValueError(f"prefill needs a non-empty 1-D input_ids, got shape {tuple(input_ids.shape)}")
+        kv.check_positions(T - 1)
+        if pool_size is not None:
+            self.config.validate_pool_size(pool_size)
+        positions = torch.arange(T, device=self.device)
+        cos, sin = self.rope(positions, torch.full_like(positions, T), self.dtype)
+        x = F.embedding(input_ids.to(self.device), self.embed)  # [T, H]
+        pools: list[torch.Tensor | None] | None = None if pool_size is None else []
+        pinned: list[ExpertKey] = []
+        try:
+            for index, layer in enumerate(self.layers):
+                h = x + layer.attn.prefill(layer.attn_norm(x), cos, sin, kv, slot)
+                normed = layer.mlp_norm(h)
+                mlp = layer.mlp
+                if not isinstance(mlp, MoEBlock):
+                    x = h + mlp(normed)
+                    if pools is not None:
+                        pools.append(None)
+                    continue
+                logits = mlp.router_logits(normed)  # [T, E]
+                allowed = None
+                if pools is not None and pool_size is not None:
+                    pool = select_pool(pool_scores(logits, mlp.spec), mlp.spec, pool_size)
+                    pools.append(pool)
+                    if pin_pool:
+                        keys = [(index, e) for e in pool.tolist()]
+                        self.expert_store.acquire(keys)
+                        pinned.extend(keys)
+                    allowed = pool_mask(pool, mlp.spec, mlp.spec.num_experts)[None, :]
+                    self._prefetch_next(index, h, pool_size)
+                x = h + mlp(normed, logits, allowed)
+            logits_out = self._logits(x if all_logits else x[-1:])
+        except BaseException:
+            if pinned:
+                self.expert_store.release(pinned)
+            raise
+        return PrefillOutput(logits_out, pools, pinned)
+
+    def _prefetch_next(self, index: int, h: torch.Tensor, pool_size: int) -> None:
+        """Hint the store with the next MoE layer's likely pool: its router on this layer's
+        hidden states (the true pool needs this layer's output, which is not computed yet)."""
+        for nxt in range(index + 1, len(self.layers)):
+            layer = self.layers[nxt]
+            if isinstance(layer.mlp, MoEBlock):
+                logits = layer.mlp.router_logits(layer.mlp_norm(h))
+                predicted = select_pool(pool_scores(logits, layer.mlp.spec), layer.mlp.spec, pool_size)
+                self.expert_store.prefetch([(nxt, e) for e in predicted.tolist()])
+                return
+
+    @torch.inference_mode()
+    def decode(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv: KVCache,
+        slots: torch.Tensor,
+        pool_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """One token per row; returns float32 logits [B, V]."""
+        B = int(input_ids.shape[0])
+        if positions.shape != (B,) or slots.shape != (B,) or B == 0:
+            raise ValueError(
+                f"decode needs input_ids, positions, slots of one shape [B], got "
+                f"{tuple(input_ids.shape)}, {tuple(positions.shape)}, {tuple(slots.shape)}"
+            )
+        if pool_mask is not None and pool_mask.shape != (B, self.config.num_layers, self.config.max_experts):
+            raise ValueError(
+                f"pool_mask must be [B, L, E_max] = [{B}, {self.config.num_layers}, "
+                f"{self.config.max_experts}], got {tuple(pool_mask.shape)}"
+            )
+        positions, slots = positions.to(self.device), slots.to(self.device)
+        attend_len = int(positions.max()) + 1
+        kv.check_positions(attend_len - 1)
+        cos, sin = self.rope(positions, positions + 1, self.dtype)
+        x = F.embedding(input_ids.to(self.device), self.embed)  # [B, H]
+        mask = None if pool_mask is None else pool_mask.to(self.device)
+        for index, layer in enumerate(self.layers):
+            h = x + layer.attn.decode(layer.attn_norm(x), cos, sin, kv, slots, positions, attend_len)
+            normed = layer.mlp_norm(h)
+            if isinstance(layer.mlp, MoEBlock):
+                allowed = None if mask is None else mask[:, index, : layer.mlp.spec.num_experts]
+                x = h + layer.mlp(normed, allowed=allowed)
+            else:
+                x = h + layer.mlp(normed)
+        return self._logits(x)
+
+    def pool_mask_row(self, pools: list[torch.Tensor | None] | None) -> torch.Tensor:
+        """[L, E_max] bool for one sequence: its pools (from prefill), all True for full routing."""
+        L, width = self.config.num_layers, self.config.max_experts
+        rows = torch.ones(L, width, dtype=torch.bool, device=self.device)
+        if pools is None:
+            return rows
+        if len(pools) != L:
+            raise ValueError(f"pools must have one entry per layer ({L}), got {len(pools)}")
+        for index, pool in enumerate(pools):
+            layer = self.layers[index]
+            if pool is not None and isinstance(layer.mlp, MoEBlock):
+                rows[index] = pool_mask(pool.to(self.device), layer.mlp.spec, width)
+        return rows

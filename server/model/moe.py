@@ -1,0 +1,102 @@
+"""The MoE block: router, grouped compute on the experts tokens chose, trunk experts.
+
+Routable expert weights are reached only through the ExpertStore: ``acquire`` -> slot ids ->
+``slab[part][slot]`` views (no weight copy). The distinct experts a step needs are pinned in
+groups that fit ``free_slots``, so full routing runs even with a device tier of few slots; each
+group is released as soon as it has been computed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from expert_cache.base import ExpertStore, SlotsExhausted
+from server.model.config import ModelConfig
+from server.model.layers import SwiGLU, expert_forward, frozen
+from server.model.routing import LayerRouting, Routes, route
+
+
+class MoEBlock(nn.Module):
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer: int,
+        router: torch.Tensor,
+        fixed_gate_up: torch.Tensor,
+        fixed_down: torch.Tensor,
+        store: ExpertStore,
+        shared_mlp: SwiGLU | None = None,
+        shared_mlp_gate: torch.Tensor | None = None,
+    ) -> None:
+        """router [E, H]; fixed_gate_up [F, 2I, H] and fixed_down [F, H, I]: the shared or
+        always-active experts (trunk, resident) in ``LayerRouting.fixed`` order."""
+        super().__init__()
+        self.layer = layer
+        self.spec = LayerRouting.from_config(config, layer)
+        self.router = frozen(router)
+        self.fixed_gate_up, self.fixed_down = frozen(fixed_gate_up), frozen(fixed_down)
+        self.shared_mlp = shared_mlp
+        self.shared_mlp_gate = None if shared_mlp_gate is None else frozen(shared_mlp_gate)  # [1, H]
+        self.store = store
+
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.router)  # [T, E]
+
+    def forward(
+        self, x: torch.Tensor, logits: torch.Tensor | None = None, allowed: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x [T, H] (normed); allowed [T, E] / [1, E] bool or None (full routing) -> [T, H]."""
+        if logits is None:
+            logits = self.router_logits(x)
+        routes = route(logits, self.spec, allowed)
+        out = self.routed(x, routes)  # float32 [T, H]
+        for f in range(self.fixed_gate_up.shape[0]):
+            y = expert_forward(x, self.fixed_gate_up[f], self.fixed_down[f])
+            out += y.float() * routes.fixed_weights[:, f, None]
+        if self.shared_mlp is not None:
+            gate = torch.sigmoid(F.linear(x, self.shared_mlp_gate))  # [T, 1]
+            out += (gate * self.shared_mlp(x)).float()
+        return out.to(x.dtype)
+
+    def routed(self, x: torch.Tensor, routes: Routes) -> torch.Tensor:
+        """Sum over each token's chosen routable experts, looping only over distinct experts."""
+        T, k = routes.ids.shape
+        out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
+        flat = routes.ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)  # group the T*k picks by expert
+        experts, counts = torch.unique_consecutive(flat[order], return_counts=True)
+        token_of = order // k  # [T*k] token of each sorted pick
+        weight_of = routes.weights.reshape(-1)[order]  # [T*k]
+        expert_ids, sizes = experts.tolist(), counts.tolist()  # one host sync per layer step
+        starts = [0]
+        for size in sizes:
+            starts.append(starts[-1] + size)
+        slab = self.store.slab(self.layer)
+        gate_up, down = slab["gate_up"], slab["down"]  # [slots, 2I, H], [slots, H, I]
+        i = 0
+        while i < len(expert_ids):
+            keys, slots = self._acquire_group(expert_ids[i:])
+            n = len(keys)
+            try:
+                for j, slot in enumerate(slots):
+                    lo, hi = starts[i + j], starts[i + j + 1]
+                    rows = token_of[lo:hi]
+                    y = expert_forward(x.index_select(0, rows), gate_up[slot], down[slot])
+                    out.index_add_(0, rows, y.float() * weight_of[lo:hi, None])
+            finally:
+                self.store.release(keys)
+            i += n
+        return out
+
+    def _acquire_group(self, expert_ids: list[int]) -> tuple[list[tuple[int, int]], list[int]]:
+        """Pin as many of ``expert_ids`` (in order) as fit: all of them when they fit (pinned
+        pool experts need no free slot), else a group of ``free_slots`` (at least one; a failure
+        then propagates as SlotsExhausted). ``acquire`` pins nothing when it raises."""
+        keys = [(self.layer, e) for e in expert_ids]
+        try:
+            return keys, self.store.acquire(keys).tolist()
+        except SlotsExhausted:
+            keys = keys[: max(1, self.store.free_slots(self.layer))]
+            return keys, self.store.acquire(keys).tolist()
