@@ -1,0 +1,10 @@
+"""The serving engine: queue, pool-aware admission, continuous batching, sampling, streaming.
+
+    request.py       what goes in and out (SamplingParams, GenerationRequest, RequestOutput, errors)
+    config.py        EngineConfig, --device / --dtype resolution
+    engine.py        Engine: the thread that owns the device; submit / cancel / shutdown
+    core.py          one step: schedule, run the model, sample, detokenize, emit; failure isolation
+    scheduler.py     continuous batching and admission;  pool_budget.py  expert-slot arithmetic
+    model_runner.py  KV cache, model inputs, per-request expert-cache accounting
+    sampler.py, detokenizer.py, sequence.py, kv_slots.py, metrics.py
+"""

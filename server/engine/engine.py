@@ -1,0 +1,235 @@
+"""The engine: one thread owns the device and runs ``EngineCore.step`` in a loop.
+
+Other threads only talk to it through ``submit`` / ``cancel`` / ``shutdown`` (thread-safe
+hand-offs under one condition variable) and read a few counters. Outputs come back through
+each request's ``on_output`` callback, called on the engine thread: it must not block.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+from prometheus_client import CollectorRegistry
+
+from server.engine.config import MAX_MODEL_LEN_CAP, EngineConfig, resolve_device, resolve_dtype
+from server.engine.core import EngineCore
+from server.engine.metrics import EngineMetrics
+from server.engine.model_runner import ModelRunner, model_device_dtype
+from server.engine.request import EngineShutdown, GenerationRequest, QueueFull, RequestError, RequestOutput
+from server.engine.scheduler import SchedulerConfig
+from server.model.kv_cache import KVCache
+
+if TYPE_CHECKING:
+    from server.model.config import ModelConfig
+    from server.model.loader import LoadedModel
+    from server.model.tokenizer import TokenizerBundle
+
+log = logging.getLogger("emo_serve.engine")
+OnOutput = Callable[[RequestOutput], None]
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index or 0) == (b.index or 0)
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig,
+                 registry: CollectorRegistry | None = None) -> None:
+        self.loaded, self.config = loaded, config
+        mc = loaded.config
+        device, model_dtype = model_device_dtype(loaded.model)
+        if config.device is not None and not _same_device(resolve_device(config.device), device):
+            raise ValueError(f"EngineConfig.device: {config.device!r} but the model is on {device}")
+        self._max_model_len = config.max_model_len or min(mc.max_position_embeddings, MAX_MODEL_LEN_CAP)
+        if self._max_model_len > mc.max_position_embeddings:
+            raise ValueError(f"EngineConfig.max_model_len: {self._max_model_len} is more than the "
+                             f"model's max_position_embeddings {mc.max_position_embeddings}")
+        kv_dtype = model_dtype if config.dtype is None else resolve_dtype(config.dtype, device)
+        num_slots = config.max_num_seqs
+        if config.kv_cache_bytes is not None:
+            per_slot = KVCache.bytes_per_slot(mc, self._max_model_len, kv_dtype)
+            num_slots = min(num_slots, config.kv_cache_bytes // per_slot)
+            if num_slots < 1:
+                raise ValueError(f"EngineConfig.kv_cache_bytes: {config.kv_cache_bytes} bytes hold no KV "
+                                 f"slot of {self._max_model_len} tokens ({per_slot} bytes each)")
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = EngineMetrics(self.registry, device)
+        runner = ModelRunner(loaded, num_slots, self._max_model_len, kv_dtype)
+        self._core = EngineCore(loaded, runner, SchedulerConfig(max_num_seqs=num_slots,
+                                                                 max_wait_steps=config.max_wait_steps),
+                                self.metrics, self._forget)
+        self.default_pool: int | str = self._resolve_default_pool()
+        self._cond = threading.Condition()
+        self._inbox: deque[tuple[GenerationRequest, OnOutput, int | None]] = deque()
+        self._cancels: set[str] = set()
+        self._active: set[str] = set()
+        self._accepting, self._stopping, self._dead = True, False, False
+        self._deadline = 0.0
+        self._thread: threading.Thread | None = None
+
+    def _resolve_default_pool(self) -> int | str:
+        pool = self.config.default_pool
+        if pool is None:
+            pool = self.loaded.config.default_pool_size() or "full"
+        if pool != "full":
+            self.loaded.config.validate_pool_size(pool)
+            why = self._core.budget.misfit(int(pool))
+            if why is not None:  # explicit smaller pools and "full" still work: warn, not fail
+                log.warning("default expert pool cannot be served, requests without expert_pool "
+                            "will be rejected: %s", why)
+        return pool
+
+    # ---- public API ------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> TokenizerBundle:
+        return self.loaded.tokenizer
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.loaded.config
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    @property
+    def ready(self) -> bool:
+        thread = self._thread
+        return thread is not None and thread.is_alive() and not self._dead and not self._stopping
+
+    @property
+    def num_running(self) -> int:
+        return self._core.scheduler.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        return self._core.scheduler.num_waiting + len(self._inbox)
+
+    @property
+    def num_kv_slots(self) -> int:
+        """KV slots (each ``max_model_len`` tokens): the most requests that can run at once."""
+        return self._core.kv_slots.num_slots
+
+    @property
+    def kv_usage(self) -> float:
+        return self._core.kv_slots.usage
+
+    def start(self) -> None:
+        with self._cond:
+            if self._thread is not None:
+                raise RuntimeError("Engine.start: already started")
+            self._thread = threading.Thread(target=self._run, name="emo-serve-engine", daemon=True)
+            self._thread.start()
+
+    def submit(self, req: GenerationRequest, on_output: OnOutput) -> None:
+        """Queue a request. Raises RequestError (invalid), QueueFull, EngineShutdown."""
+        pool = self._validate(req)
+        with self._cond:
+            if self._dead or not self._accepting:
+                raise EngineShutdown("the engine is shutting down" if not self._dead
+                                     else "the engine thread has stopped after an internal error")
+            if req.request_id in self._active:
+                raise RequestError(f"request id {req.request_id!r} is already in flight", "request_id",
+                                   "duplicate_request_id")
+            if self.num_waiting >= self.config.max_queue:
+                raise QueueFull(f"{self.num_waiting} requests are waiting (max_queue="
+                                f"{self.config.max_queue}); try again later")
+            self._active.add(req.request_id)
+            self._inbox.append((req, on_output, pool))
+            self._cond.notify()
+
+    def cancel(self, request_id: str) -> None:
+        """Abort a request (no-op if unknown or finished); effective within one engine step."""
+        with self._cond:
+            if request_id in self._active:
+                self._cancels.add(request_id)
+                self._cond.notify()
+
+    def shutdown(self, grace_s: float) -> None:
+        """Stop admitting; let admitted requests finish for up to ``grace_s`` seconds, abort the
+        rest (finish_reason "abort"), stop the engine thread."""
+        with self._cond:
+            self._accepting = False
+            self._stopping = True
+            self._deadline = time.monotonic() + max(0.0, grace_s)
+            self._cond.notify()
+            thread = self._thread
+        if thread is None:  # never started: nothing ran, abort what was queued here
+            self._drain_inbox()
+            self._core.abort_all("abort")
+            return
+        thread.join(timeout=max(0.0, grace_s) + 60.0)
+        if thread.is_alive():
+            log.error("engine thread did not stop within %.0f s of the shutdown grace", grace_s + 60)
+
+    # ---- validation (caller's thread; reads immutable state and thread-safe store counters) --
+    def _validate(self, req: GenerationRequest) -> int | None:
+        ids, sp, mc = req.prompt_token_ids, req.sampling, self.loaded.config
+        if not ids:
+            raise RequestError("the prompt is empty: at least one token is needed", "prompt")
+        bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < mc.vocab_size), None)
+        if bad is not None:
+            raise RequestError(f"prompt token id {bad!r} is outside the vocabulary [0, {mc.vocab_size})",
+                               "prompt")
+        limit = self._max_model_len
+        if len(ids) + sp.max_tokens > limit:
+            raise RequestError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{len(ids) + sp.max_tokens} tokens ({len(ids)} in the prompt, {sp.max_tokens} in the "
+                f"completion). Please reduce the length of the prompt or of max_tokens.",
+                "prompt" if len(ids) > limit else "max_tokens", "context_length_exceeded")
+        spec = req.expert_pool if req.expert_pool is not None else self.default_pool
+        if spec == "full":
+            return None
+        try:
+            pool = mc.validate_pool_size(spec)
+        except ValueError as e:
+            raise RequestError(str(e), "expert_pool") from None
+        why = self._core.budget.misfit(pool)
+        if why is not None:
+            raise RequestError(why, "expert_pool", "expert_pool_too_large")
+        return pool
+
+    # ---- the engine thread -----------------------------------------------------------------
+    def _forget(self, request_id: str) -> None:
+        with self._cond:
+            self._active.discard(request_id)
+            self._cancels.discard(request_id)
+
+    def _drain_inbox(self) -> set[str]:
+        with self._cond:
+            inbox, self._inbox = self._inbox, deque()
+            cancels, self._cancels = self._cancels, set()
+        for req, on_output, pool in inbox:
+            self._core.add(req, on_output, pool)
+        return cancels
+
+    def _run(self) -> None:
+        core = self._core
+        try:
+            while True:
+                with self._cond:
+                    if not (self._inbox or self._cancels or core.has_work or self._stopping):
+                        self._cond.wait(timeout=0.5)
+                    stopping, deadline = self._stopping, self._deadline
+                for request_id in self._drain_inbox():
+                    core.abort(request_id)
+                if stopping and (not core.has_work or time.monotonic() >= deadline):
+                    core.abort_all("abort")
+                    core.update_gauges()
+                    return
+                if not core.step():
+                    core.update_gauges()
+        except BaseException as e:  # noqa: BLE001 - report, fail everything, stay not-ready
+            log.exception("engine thread died")
+            self._dead = True
+            try:
+                core.abort_all("error", error=f"engine stopped: {type(e).__name__}: {e}")
+            except Exception:  # noqa: BLE001
+                log.exception("failing the requests of a dead engine raised")

@@ -1,0 +1,102 @@
+"""Runs the model for the engine: owns the KV cache, turns sequences into model inputs and
+accounts expert-cache traffic per request.
+
+Expert accounting: ``expert_store.stats()`` is read before and after each model call. A
+prefill's delta belongs to its one request. A decode's delta is split evenly over the rows of
+the step (remainder to the first rows): the store cannot tell which row an expert load served,
+and rows sharing a batch share its loads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from typing import TYPE_CHECKING
+
+import torch
+
+from expert_cache.base import CacheStats, ExpertStore
+from server.engine.sequence import Sequence
+from server.model.kv_cache import KVCache
+
+if TYPE_CHECKING:
+    from server.model.loader import LoadedModel
+
+
+def model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    for t in model.parameters():
+        if t.is_floating_point():
+            return t.device, t.dtype
+    raise ValueError("the model has no floating-point parameter to take its device and dtype from")
+
+
+def _traffic(stats: CacheStats) -> tuple[int, int, int]:
+    loaded = stats.bytes_loaded_from_host + stats.bytes_loaded_from_disk
+    return stats.device.hits, stats.device.misses, loaded
+
+
+class ModelRunner:
+    def __init__(self, loaded: LoadedModel, num_slots: int, max_len: int,
+                 kv_dtype: torch.dtype | None = None) -> None:
+        self.model = loaded.model
+        self.config = loaded.config
+        self.store: ExpertStore = self.model.expert_store
+        self.device, self.dtype = model_device_dtype(self.model)
+        self.kv = KVCache(self.config, num_slots, max_len, self.device, kv_dtype or self.dtype)
+        self.num_layers = self.config.num_layers
+        self.max_experts = max(self.config.num_experts)
+
+    @torch.inference_mode()
+    def prefill(self, seq: Sequence) -> torch.Tensor:
+        """Prefill ``seq`` into its slot; float32 logits [T, V] (prompt logprobs asked) or
+        [1, V]. Pool requests keep their pool pinned (``seq.pinned``) until ``release``."""
+        if seq.slot is None:
+            raise ValueError(f"request {seq.request_id}: prefill without a KV slot")
+        ids = torch.tensor(seq.prompt_ids, dtype=torch.long, device=self.device)
+        before = _traffic(self.store.stats())
+        out = self.model.prefill(ids, self.kv, seq.slot, pool_size=seq.pool_size,
+                                 pin_pool=seq.is_pool,
+                                 all_logits=seq.request.sampling.prompt_logprobs is not None)
+        after = _traffic(self.store.stats())
+        seq.pinned = list(out.pinned) if seq.is_pool else []
+        seq.experts.hits += after[0] - before[0]
+        seq.experts.misses += after[1] - before[1]
+        seq.experts.bytes_loaded += after[2] - before[2]
+        if seq.is_pool:
+            seq.pools = list(out.pools) if out.pools is not None else None
+            seq.pool_mask = self.model.pool_mask_row(seq.pools).to(self.device)  # [L, E_max]
+        return out.logits
+
+    @torch.inference_mode()
+    def decode(self, seqs: Seq[Sequence]) -> torch.Tensor:
+        """One token for every row: float32 logits [B, V]."""
+        ids = torch.tensor([s.last_token for s in seqs], dtype=torch.long, device=self.device)
+        positions = torch.tensor([s.num_tokens - 1 for s in seqs], dtype=torch.long, device=self.device)
+        slots = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=self.device)
+        mask = self.pool_mask(seqs)
+        before = _traffic(self.store.stats())
+        logits = self.model.decode(ids, positions, self.kv, slots, mask)
+        after = _traffic(self.store.stats())
+        self._split(seqs, [a - b for a, b in zip(after, before, strict=True)])
+        return logits
+
+    def pool_mask(self, seqs: Seq[Sequence]) -> torch.Tensor | None:
+        """[B, L, E_max] bool, full-routing rows all True; None when every row is full."""
+        if all(s.pool_mask is None for s in seqs):
+            return None
+        full = torch.ones(self.num_layers, self.max_experts, dtype=torch.bool, device=self.device)
+        return torch.stack([full if s.pool_mask is None else s.pool_mask for s in seqs])
+
+    @staticmethod
+    def _split(seqs: Seq[Sequence], delta: list[int]) -> None:
+        n = len(seqs)
+        for i, seq in enumerate(seqs):
+            share = [d // n + (1 if i < d % n else 0) for d in delta]
+            seq.experts.hits += share[0]
+            seq.experts.misses += share[1]
+            seq.experts.bytes_loaded += share[2]
+
+    def release(self, seq: Sequence) -> None:
+        """Drop the sequence's pool pins (exactly once)."""
+        pinned, seq.pinned = seq.pinned, []
+        if pinned:
+            self.store.release(pinned)
