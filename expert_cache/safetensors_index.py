@@ -38,7 +38,7 @@ class CheckpointError(ValueError):
     def __init__(self, path: Path | str, message: str, tensor: str | None = None) -> None:
         where = f"{path}" + (f", tensor '{tensor}'" if tensor else "")
         super().__init__(f"{where}: {message}")
-        self.path, self.tensor = Path(path), tensor
+        self.path, self.tensor, self.message = Path(path), tensor, message
 
 
 @dataclass(frozen=True)
@@ -111,13 +111,17 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int, size: in
     nbytes = offsets[1] - offsets[0]
     if nbytes != numel * torch.empty((), dtype=dtype).element_size():
         raise CheckpointError(
-            path, f"data_offsets span {nbytes} bytes but {dtype_name}{shape} needs "
-            f"{numel * torch.empty((), dtype=dtype).element_size()}", name
+            path,
+            f"data_offsets span {nbytes} bytes but {dtype_name}{shape} needs "
+            f"{numel * torch.empty((), dtype=dtype).element_size()}",
+            name,
         )
     if data_start + offsets[1] > size:
         raise CheckpointError(
-            path, f"data runs past the end of the file (ends at byte {data_start + offsets[1]}, "
-            f"file has {size}): truncated or corrupt", name
+            path,
+            f"data runs past the end of the file (ends at byte {data_start + offsets[1]}, "
+            f"file has {size}): truncated or corrupt",
+            name,
         )
     return TensorInfo(name, path, data_start + offsets[0], nbytes, dtype, tuple(shape))
 

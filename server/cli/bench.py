@@ -1,0 +1,100 @@
+"""`emo-serve bench SUITE`: benchmarks, one suite per subcommand.
+
+    emo-serve bench cache --model DIR [--experts 512] [--device cuda|cpu]
+
+To add a suite, write ``_add_<name>(parser)`` and ``_run_<name>(args) -> int`` (import heavy
+modules inside ``_run_``) and register them in ``SUITES``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Suite:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _add_cache(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="checkpoint directory (e.g. from `emo-serve synth --preset emo-1b14b`)",
+    )
+    parser.add_argument("--experts", type=int, default=512, help="experts to page (default 512)")
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="cuda, cuda:N or cpu (a CPU slab: smoke run); default cuda when available",
+    )
+    parser.add_argument(
+        "--device-slots",
+        type=int,
+        default=64,
+        help="device slots to page through (default 64; capped at experts/2)",
+    )
+    parser.add_argument(
+        "--no-drop-cache", action="store_true", help="do not drop the files' page cache before disk passes"
+    )
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write results as JSON")
+
+
+def _run_cache(args: argparse.Namespace) -> int:
+    from expert_cache.bench import CacheBenchConfig, run_cache_bench
+    from expert_cache.safetensors_index import CheckpointError
+
+    try:
+        cfg = CacheBenchConfig(
+            model_dir=args.model,
+            experts=args.experts,
+            device=args.device or _default_device(),
+            device_slots=args.device_slots,
+            drop_page_cache=not args.no_drop_cache,
+        )
+        result = run_cache_bench(cfg, log=lambda msg: print(f"  {msg}", file=sys.stderr, flush=True))
+    except (ValueError, CheckpointError, OSError) as e:
+        print(f"emo-serve bench cache: error: {e}", file=sys.stderr)
+        return 2
+    print(result.table())
+    if args.json is not None:
+        rows = [asdict(r) | {"gb_per_s": r.gb_per_s} for r in result.rows]
+        args.json.write_text(
+            json.dumps({"header": result.header, "rows": rows, "notes": result.notes}, indent=2)
+        )
+    return 0
+
+
+SUITES: dict[str, Suite] = {
+    "cache": Suite(
+        "Page experts from the host tier and from disk; compare with the machine's "
+        "own host->device and file-read bandwidth",
+        _add_cache,
+        _run_cache,
+    ),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="suite", required=True, metavar="SUITE")
+    for name, suite in SUITES.items():
+        suite.add_arguments(sub.add_parser(name, help=suite.help, description=suite.help))
+
+
+def run(args: argparse.Namespace) -> int:
+    return SUITES[args.suite].run(args)
