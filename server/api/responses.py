@@ -1,0 +1,194 @@
+"""Response bodies and stream chunks, in OpenAI's shapes; our extensions marked as such.
+
+Extension fields (``expert_pool``, the expert-cache counters of ``usage``) are left out of the
+JSON when they are None, so a plain OpenAI client sees exactly OpenAI's shape. ``usage`` on
+stream chunks is present (null) only when the client asked for it with stream_options.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
+
+FinishReason = Literal["stop", "length"]
+
+
+class ResponseModel(BaseModel):
+    omit_if_none: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _omit_extensions(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        for name in self.omit_if_none:
+            if data.get(name) is None:
+                data.pop(name, None)
+        return data
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class ExpertPoolInfo(ResponseModel):
+    """Extension: the experts a request was restricted to, per layer (``[]`` for dense layers)."""
+
+    size: int | Literal["full"]
+    experts: list[list[int]]
+
+
+class UsageInfo(ResponseModel):
+    omit_if_none = frozenset({"expert_cache_hits", "expert_cache_misses", "expert_cache_bytes_loaded"})
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    # --- extensions: this request's device-tier expert lookups and bytes paged in ---
+    expert_cache_hits: int | None = None
+    expert_cache_misses: int | None = None
+    expert_cache_bytes_loaded: int | None = None
+
+
+# ---- /v1/completions ----
+class CompletionLogprobs(BaseModel):
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
+class CompletionChoice(ResponseModel):
+    omit_if_none = frozenset({"expert_pool"})
+
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: FinishReason | None = None
+    expert_pool: ExpertPoolInfo | None = None  # extension
+
+
+class CompletionResponse(ResponseModel):
+    omit_if_none = frozenset({"expert_pool"})
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+    system_fingerprint: str | None = None
+    expert_pool: ExpertPoolInfo | None = None  # extension: choice 0's pool
+
+
+class CompletionChunk(ResponseModel):
+    omit_if_none = frozenset({"expert_pool"})
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+    system_fingerprint: str | None = None
+    expert_pool: ExpertPoolInfo | None = None  # extension: on the last chunk
+
+
+# ---- /v1/chat/completions ----
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+    refusal: list[ChatTokenLogprob] | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+    refusal: str | None = None
+
+
+class ChatChoice(ResponseModel):
+    omit_if_none = frozenset({"expert_pool"})
+
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason
+    expert_pool: ExpertPoolInfo | None = None  # extension
+
+
+class ChatCompletionResponse(ResponseModel):
+    omit_if_none = frozenset({"expert_pool"})
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+    system_fingerprint: str | None = None
+    expert_pool: ExpertPoolInfo | None = None  # extension: choice 0's pool
+
+
+class DeltaMessage(ResponseModel):
+    omit_if_none = frozenset({"role", "content"})
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(ResponseModel):
+    omit_if_none = frozenset({"expert_pool"})
+
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason | None = None
+    expert_pool: ExpertPoolInfo | None = None  # extension
+
+
+class ChatCompletionChunk(ResponseModel):
+    omit_if_none = frozenset({"expert_pool"})
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: UsageInfo | None = None
+    system_fingerprint: str | None = None
+    expert_pool: ExpertPoolInfo | None = None  # extension: on the last chunk
+
+
+# ---- other routes ----
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=now)
+    owned_by: str = "emo-serve"
+    root: str | None = None  # where the weights come from (vLLM's field)
+    max_model_len: int  # extension (vLLM's field)
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
