@@ -173,6 +173,12 @@ class TieredExpertCache(ExpertStore):
 
     # -- internals -------------------------------------------------------------------------------
     def _prefetch_now(self, keys: list[ExpertKey]) -> None:
+        # Buffers may have been allocated lazily by a caller running under inference_mode, and
+        # such tensors can only be written inside it; writing normal tensors there is fine too.
+        with torch.inference_mode():
+            self._prefetch_groups(keys)
+
+    def _prefetch_groups(self, keys: list[ExpertKey]) -> None:
         by_group: dict[int, list[ExpertKey]] = {}
         for key in keys:
             by_group.setdefault(self._layer_group[key[0]], []).append(key)

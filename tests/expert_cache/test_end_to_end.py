@@ -68,3 +68,28 @@ def test_paged_generation_matches_resident(checkpoint: Path, routing: str) -> No
     assert s.device.misses > 0 and s.device.evictions > 0 and s.bytes_loaded_from_disk > 0
     assert s.pinned_slots == 0 and s.host.capacity_bytes == 0
     cache.close()
+
+
+def test_background_prefetch_after_inference_mode_prefill(checkpoint: Path) -> None:
+    """The model runs under inference_mode, so buffers the cache allocates lazily during a
+    prefill are inference tensors; the loader thread must still be able to fill them."""
+    caches: list[TieredExpertCache] = []
+
+    def factory(catalog: ExpertCatalog) -> TieredExpertCache:
+        eb = catalog.expert_bytes(min(catalog.parts))
+        caches.append(
+            TieredExpertCache(catalog, device="cpu", device_budget_bytes=len(catalog.chunks) * eb,
+                              host_budget_bytes=len(catalog.chunks) * eb)
+        )
+        return caches[-1]
+
+    loaded = load_model(checkpoint, device="cpu", dtype=torch.float32, expert_store_factory=factory)
+    cache = caches[0]
+    prompt = loaded.tokenizer.encode(sample_prompt(0, 12, random.Random(1)))
+    _greedy(loaded, prompt, 2, loaded.config.default_pool_size())
+    cold = [k for k in sorted(loaded.catalog.chunks) if not cache.is_resident(k)]
+    assert cold, "the prompt's pools should leave some experts cold"
+    cache.prefetch(cold)  # from this thread, outside inference_mode
+    assert cache.wait_for_prefetch(timeout=30)
+    assert all(cache.is_resident(k) for k in cold)
+    cache.close()
