@@ -176,6 +176,9 @@ def load_config(
         source = opt.flag
         if raw is None:
             raw, source = environ.get(opt.env), opt.env
+            # compose files and k8s manifests often pass VAR="" to mean "not set"
+            if raw is not None and not raw.strip():
+                raw = None
         if raw is None:
             continue
         try:

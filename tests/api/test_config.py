@@ -43,6 +43,12 @@ def test_flags_override_environment() -> None:
     assert parse(["--expert-cache", "123456", "--max-model-len", "auto"]).expert_cache == 123456
 
 
+def test_empty_variables_count_as_unset() -> None:
+    """Compose and k8s pass VAR="" for "not set"; that must not become Path(".") or a bad key."""
+    config = parse([], {"EMO_SERVE_MODEL": "", "EMO_SERVE_API_KEY": "  ", "EMO_SERVE_PORT": ""})
+    assert config == ServeConfig()
+
+
 def test_api_key_is_never_in_the_repr() -> None:
     config = parse([], {"EMO_SERVE_API_KEY": "sk-very-secret"})
     assert config.api_key == "sk-very-secret" and "sk-very-secret" not in repr(config)
