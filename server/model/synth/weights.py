@@ -7,13 +7,16 @@ u_d (one orthonormal direction per domain, plus a "mean" direction u_m every tok
   orthogonal to every u (common words: no u_d, more z);
 * attention: q/k read the z part (random pattern) plus one "focus" channel that makes every
   query prefer tokens with a domain component; v/o carry the domain coordinates u_j . x of the
-  attended tokens back onto u_j (gain ATTN_MIX), so common words take their context's domain;
+  attended tokens back onto u_j, so common words take their context's domain. Full gain in
+  layer 0 only (later layers would just pile up u_d and drown the token-specific part);
 * routers: the row of an expert planted for d is (ROUTER_GAIN u_d + ROUTER_NOISE g) / sqrt(H),
   so its logit is about ROUTER_GAIN * (u_d . n(x) / sqrt(H)) above the other domains' experts;
 * experts and dense MLPs write only orthogonally to the u's, with small gain: they add
   token-specific variety without eroding the domain component;
 * lm_head: domain words (their space-prefixed forms) get LM_DOMAIN u_d, so text continues in
-  its domain; fillers and raw bytes get a negative u_m component so they are rarely sampled.
+  its domain; within a domain, a seeded cycle of "successor" words (row s reads the z of its
+  predecessor, and no row reads its own z) keeps greedy text from looping on a word or two;
+  fillers and raw bytes get a negative u_m component so they are rarely sampled.
 With RMSNorm before every reader, all logits stay bounded whatever the depth.
 """
 
@@ -32,14 +35,12 @@ EMB_DOMAIN, EMB_MEAN, EMB_NOISE = 0.8, 0.3, 0.5
 COMMON_NOISE = math.sqrt(1.0 - EMB_MEAN**2)  # common tokens: same norm, no domain part
 ATTN_SCORE = 0.5  # std of q.k / sqrt(head_dim) from the z parts
 ATTN_FOCUS = 4.0  # extra attention score (nats) of a domain token as key, at layer 0
-ATTN_MIX, ATTN_NOISE, V_NOISE = 1.0, 0.3, 0.5
+ATTN_MIX, ATTN_MIX_LATER, ATTN_NOISE, V_NOISE = 1.0, 0.1, 0.3, 0.5
 ROUTER_GAIN, ROUTER_NOISE = 10.0, 1.0
-EXPERT_OUT = 0.3  # rms of one expert's output relative to the residual's rms of ~1
-LM_DOMAIN, LM_NOISE, LM_SELF, LM_BYTE, LM_FILLER = 8.0, 1.0, 3.0, 10.0, 30.0
+EXPERT_OUT = 0.2  # rms of one expert's output relative to the residual's rms of ~1
+LM_DOMAIN, LM_NOISE, LM_SELF, LM_NEXT, LM_BYTE, LM_FILLER = 8.0, 0.3, 3.0, 10.0, 10.0, 30.0
 BIAS_STD = 0.02
 BLOCK_ELEMS = 1 << 18  # embed / lm_head are generated in blocks of about this many values
-
-
 EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
@@ -67,6 +68,7 @@ class PlantedWeights:
         basis = torch.randn(self.H, self.D + 1, generator=generator(self.seed, "synth.directions"),
                             dtype=torch.float64)
         self.Q = torch.linalg.qr(basis).Q.to(torch.float32)
+        self._plant_successors()
         self.planted_domain: dict[int, list[int]] = {}  # layer -> expert id -> domain (-1 none)
         for layer in spec.moe_layers:
             owner = [-1] * spec.experts_per_layer[layer]
@@ -74,6 +76,23 @@ class PlantedWeights:
                 for e in experts:
                     owner[e] = d
             self.planted_domain[layer] = owner
+
+    def _plant_successors(self) -> None:
+        """Per domain, a seeded cyclic order of its output words; lm_head row s gets the
+        embedding noise of its predecessor, so greedy text walks a long cycle, not a loop."""
+        rows = max(1, BLOCK_ELEMS // self.H)
+        words = torch.nonzero(self.output_domain_of >= 0).flatten().tolist()
+        noise = {}
+        for block in sorted({i // rows for i in words}):
+            z = self._token_noise(min(rows, len(self.domain_of) - block * rows), block)
+            noise.update({i: z[i - block * rows] for i in words if i // rows == block})
+        self.predecessor_noise: dict[int, torch.Tensor] = {}  # output id -> z of its predecessor
+        for d in range(self.D):
+            cycle = [i for i in words if int(self.output_domain_of[i]) == d]
+            torch_order = torch.randperm(len(cycle), generator=generator(self.seed, f"synth.cycle.{d}"))
+            cycle = [cycle[j] for j in torch_order.tolist()]
+            for k, i in enumerate(cycle):
+                self.predecessor_noise[i] = noise[cycle[k - 1]]
 
     def blocks(self, t: TensorSpec) -> Iterator[torch.Tensor]:
         if t.kind in ("embed", "lm_head"):
@@ -117,6 +136,9 @@ class PlantedWeights:
         # -LM_SELF z_t: a token's own embedding noise lowers its logit, so the hidden state of
         # token t does not predict t again (greedy decoding would lock into t t t ...).
         rows = LM_DOMAIN * self._u(dom) + LM_NOISE * noise - LM_SELF * self._token_noise(stop - start, block)
+        for i in range(start, stop):
+            if i in self.predecessor_noise:
+                rows[i - start] += LM_NEXT * self.predecessor_noise[i]
         u_m = self.Q[:, self.D]
         ids = torch.arange(start, stop)
         rows[dom == FILLER] = -LM_FILLER * u_m + 0.1 * rows[dom == FILLER]
@@ -148,10 +170,10 @@ class PlantedWeights:
 
     def _o(self, t: TensorSpec, g: torch.Generator) -> torch.Tensor:
         H, width = t.shape
-        heads = width // self.hd
+        heads, mix = width // self.hd, ATTN_MIX if t.layer == 0 else ATTN_MIX_LATER
         w = ATTN_NOISE / math.sqrt(width) * self._perp(width, g)  # [width, H], transposed
         for j in range(self.D):  # sum over heads of coordinate j, written back onto u_j
-            w[j :: self.hd] += ATTN_MIX * math.sqrt(H) / heads * self.Q[:, j]
+            w[j :: self.hd] += mix * math.sqrt(H) / heads * self.Q[:, j]
         return w.T.contiguous()
 
     def _bias(self, t: TensorSpec, g: torch.Generator) -> torch.Tensor:

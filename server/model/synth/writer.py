@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
@@ -86,7 +87,10 @@ def write_spec(
 
 
 def _write_json(path: Path, obj: object) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
+    text = json.dumps(obj, indent=2)
+    # one line per innermost list of integers (the planted expert ids), not one line per id
+    text = re.sub(r"\[[\d\s,]*\]", lambda m: json.dumps(json.loads(m.group(0))), text)
+    path.write_text(text + "\n")
 
 
 def planted_experts(config_or_dir: Path | str | Mapping[str, Any], domain: str | int,
