@@ -80,12 +80,30 @@ def _run_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_decode(parser: argparse.ArgumentParser) -> None:
+    from server.bench.cli import add_arguments as add_decode_arguments
+
+    add_decode_arguments(parser)
+
+
+def _run_decode(args: argparse.Namespace) -> int:
+    from server.bench.cli import run as run_decode
+
+    return run_decode(args)
+
+
 SUITES: dict[str, Suite] = {
     "cache": Suite(
         "Page experts from the host tier and from disk; compare with the machine's "
         "own host->device and file-read bandwidth",
         _add_cache,
         _run_cache,
+    ),
+    "decode": Suite(
+        "Decode tokens/s, TTFT, paging and memory of expert pools and per-token offloading "
+        "against full residency, through the Engine (JSON, Markdown and PNG reports)",
+        _add_decode,
+        _run_decode,
     ),
 }
 
