@@ -92,6 +92,24 @@ def _run_decode(args: argparse.Namespace) -> int:
     return run_decode(args)
 
 
+def _add_prefetch(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, required=True, metavar="DIR",
+                        help="a checkpoint with planted domains (from `emo-serve synth`)")
+    parser.add_argument("--pool-size", type=int, default=None, help="default: the model's default pool")
+    parser.add_argument("--prompts-per-domain", type=int, default=4)
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+
+
+def _run_prefetch(args: argparse.Namespace) -> int:
+    from server.bench.prefetch_recall import measure_prefetch_recall
+
+    result = measure_prefetch_recall(
+        args.model, pool_size=args.pool_size, prompts_per_domain=args.prompts_per_domain, device=args.device
+    )
+    print(result.table())
+    return 0
+
+
 SUITES: dict[str, Suite] = {
     "cache": Suite(
         "Page experts from the host tier and from disk; compare with the machine's "
@@ -104,6 +122,11 @@ SUITES: dict[str, Suite] = {
         "against full residency, through the Engine (JSON, Markdown and PNG reports)",
         _add_decode,
         _run_decode,
+    ),
+    "prefetch": Suite(
+        "Recall of the prefill prefetch: layer l+1's predicted pool against the pool it selects",
+        _add_prefetch,
+        _run_prefetch,
     ),
 }
 
