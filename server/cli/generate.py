@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         start = time.monotonic()
         engine.submit(request, outputs.put)
     except (ValueError, CheckpointError, RequestError, QueueFull, OSError) as e:
-        print(f"emo-serve generate: {getattr(e, 'message', None) or e}", file=sys.stderr)
+        print(f"emo-serve generate: {e}", file=sys.stderr)  # str(e) keeps the file and tensor named
         return 2
     try:
         last = _stream(outputs)
