@@ -24,6 +24,20 @@ from expert_cache.layout import SlabGroup, split_slots
 from expert_cache.policy import SlotTable
 
 
+# torch's stubs leave the CUDA Stream/Event constructors and Event.query unannotated; these
+# typed wrappers keep the ignores in one place.
+def _cuda_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)  # type: ignore[no-untyped-call]  # torch stub gap
+
+
+def _cuda_event(enable_timing: bool = False) -> torch.cuda.Event:
+    return torch.cuda.Event(enable_timing=enable_timing)  # type: ignore[no-untyped-call]  # torch stub gap
+
+
+def _event_done(event: torch.cuda.Event) -> bool:
+    return bool(event.query())  # type: ignore[no-untyped-call]  # torch stub gap
+
+
 class SlotState(Enum):
     READY = "ready"  # holds its key (on CUDA: once its copy event has fired)
     FILLING = "filling"  # a thread is reading/copying the key in; readers must wait
@@ -52,7 +66,7 @@ class DeviceTier:
         n_slots = self.capacities
         self._ready_events: list[list[torch.cuda.Event | None]] = [[None] * n for n in n_slots]
         self._release_events: list[list[torch.cuda.Event | None]] = [[None] * n for n in n_slots]
-        self._copy_stream = torch.cuda.Stream(device) if self.is_cuda else None
+        self._copy_stream = _cuda_stream(device) if self.is_cuda else None
         # (source, host seconds, start event, end event) of copies whose time is not known yet
         self._timings: deque[tuple[str, float, torch.cuda.Event, torch.cuda.Event]] = deque()
 
@@ -74,11 +88,11 @@ class DeviceTier:
             released = self._release_events[group][slot]
             if released is not None:
                 self._copy_stream.wait_event(released)
-            start = torch.cuda.Event(enable_timing=True)
+            start = _cuda_event(enable_timing=True)
             start.record(self._copy_stream)
             for name, view in src.views.items():
                 slab[name][slot].copy_(view, non_blocking=True)
-            done = torch.cuda.Event(enable_timing=True)
+            done = _cuda_event(enable_timing=True)
             done.record(self._copy_stream)
         self._ready_events[group][slot] = done
         src.last_copy = done
@@ -88,7 +102,7 @@ class DeviceTier:
     def finished_timings(self) -> list[tuple[str, float]]:
         """``(source, seconds)`` of CUDA copies that have completed since the last call."""
         out: list[tuple[str, float]] = []
-        while self._timings and self._timings[0][3].query():
+        while self._timings and _event_done(self._timings[0][3]):
             source, host_s, start, done = self._timings.popleft()
             out.append((source, host_s + start.elapsed_time(done) / 1000.0))
         return out
@@ -109,7 +123,7 @@ class DeviceTier:
         them must wait for the kernels already queued that read them."""
         if not self.is_cuda or not slots:
             return
-        event = torch.cuda.Event()
+        event = _cuda_event()
         event.record(torch.cuda.current_stream(self.device))
         for slot in slots:
             self._release_events[group][slot] = event

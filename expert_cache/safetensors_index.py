@@ -193,7 +193,7 @@ class SafetensorsIndex:
 def read_bytes_into(path: Path, offset: int, out: torch.Tensor) -> None:
     """Fill the contiguous CPU byte tensor ``out`` from ``path`` at ``offset``."""
     assert out.dtype == torch.uint8 and out.is_contiguous() and out.device.type == "cpu"
-    view = memoryview(out.numpy()).cast("B")
+    view = out.numpy().data.cast("B")
     fd = os.open(path, os.O_RDONLY)
     try:
         done = 0

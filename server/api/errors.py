@@ -74,8 +74,9 @@ def validation_error(errors: Sequence[Mapping[str, Any]]) -> APIError:
         return bad_request("invalid request")
     first = errors[0]
     cause = (first.get("ctx") or {}).get("error")
-    if isinstance(cause, ValueError) and isinstance(getattr(cause, "param", None), str):
-        return bad_request(str(cause), param=cause.param)  # a FieldError of server/api/protocol.py
+    cause_param = getattr(cause, "param", None) if isinstance(cause, ValueError) else None
+    if isinstance(cause_param, str):
+        return bad_request(str(cause), param=cause_param)  # a FieldError of server/api/protocol.py
     loc = [str(part) for part in first.get("loc", ()) if not _is_type_tag(part)]
     param = ".".join(loc) or None
     message = str(first.get("msg", "invalid value"))

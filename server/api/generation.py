@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -38,11 +38,14 @@ class Prompt:
 
 async def encode(state: ServingState, text: str, *, add_special: bool = True) -> list[int]:
     tok = state.tokenizer
+    fn: Callable[[str], list[int]]
     if add_special:
         fn = tok.encode
     else:
-        def fn(t: str) -> list[int]:
+        def encode_plain(t: str) -> list[int]:
             return list(tok.tokenizer.encode(t, add_special_tokens=False).ids)
+
+        fn = encode_plain
     return await asyncio.to_thread(fn, text) if len(text) > _THREAD_ENCODE_CHARS else fn(text)
 
 

@@ -38,7 +38,7 @@ class RequestIdLogFilter(logging.Filter):
 def request_id_of(scope: Scope) -> str:
     for name, value in scope.get("headers", ()):
         if name == b"x-request-id":
-            text = value.decode("latin-1")
+            text: str = value.decode("latin-1")
             if _VALID_ID.fullmatch(text):
                 return text
             break

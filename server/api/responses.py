@@ -8,7 +8,7 @@ stream chunks is present (null) only when the client asked for it with stream_op
 from __future__ import annotations
 
 import time
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypedDict
 
 from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 
@@ -29,6 +29,18 @@ class ResponseModel(BaseModel):
 
 def now() -> int:
     return int(time.time())
+
+
+class ChunkBase(TypedDict):
+    """The fields every chunk of one streamed response repeats (passed with ``**``)."""
+
+    id: str
+    created: int
+    model: str
+
+
+def chunk_base(response_id: str, model: str) -> ChunkBase:
+    return {"id": response_id, "created": now(), "model": model}
 
 
 class ExpertPoolInfo(ResponseModel):

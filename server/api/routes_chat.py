@@ -38,8 +38,10 @@ from server.api.responses import (
     ChatCompletionResponse,
     ChatLogprobs,
     DeltaMessage,
+    ExpertPoolInfo,
     FinishReason,
-    now,
+    UsageInfo,
+    chunk_base,
 )
 from server.api.serving import ServingState, read_body, serving
 from server.api.streaming import SSEResponse, sse_event, sse_stream
@@ -108,13 +110,15 @@ def _logprobs(body: ChatCompletionRequest, entries: list[TokenLogprob]) -> ChatL
 class _ChatChunks:
     def __init__(self, body: ChatCompletionRequest, response_id: str, model: str, prompt: Prompt) -> None:
         self.body, self.prompt = body, prompt
-        self.base = {"id": response_id, "created": now(), "model": model}
+        self.base = chunk_base(response_id, model)
         self.exclude = None if body.include_usage else {"usage"}
         self.usages: dict[int, Usage | None] = {}
         self.pools: dict[int, RequestOutput] = {}
 
-    def _chunk(self, choices: list[ChatChunkChoice], **extra: object) -> bytes:
-        return sse_event(ChatCompletionChunk(**self.base, choices=choices, **extra), exclude=self.exclude)
+    def _chunk(self, choices: list[ChatChunkChoice], *, usage: UsageInfo | None = None,
+               expert_pool: ExpertPoolInfo | None = None) -> bytes:
+        chunk = ChatCompletionChunk(**self.base, choices=choices, usage=usage, expert_pool=expert_pool)
+        return sse_event(chunk, exclude=self.exclude)
 
     def head(self) -> list[bytes]:
         return [self._chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])

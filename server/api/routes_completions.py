@@ -34,11 +34,11 @@ from server.api.responses import (
     CompletionLogprobs,
     CompletionResponse,
     FinishReason,
-    now,
+    chunk_base,
 )
 from server.api.serving import ServingState, read_body, serving
 from server.api.streaming import SSEResponse, sse_event, sse_stream
-from server.engine.request import RequestOutput, TokenLogprob, Usage
+from server.engine.request import GenerationRequest, RequestOutput, TokenLogprob, Usage
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
@@ -54,7 +54,7 @@ async def create_completion(request: Request) -> Response:
     check_limits(state, body, len(prompts))
     response_id = f"cmpl-{uuid.uuid4().hex}"
     choice_prompts: list[Prompt] = []
-    requests = []
+    requests: list[GenerationRequest] = []
     for prompt in prompts:
         max_tokens = resolve_max_tokens(state, body.max_tokens, len(prompt.token_ids), "max_tokens", "prompt")
         for i in range(body.n):
@@ -114,7 +114,7 @@ class _CompletionChunks:
     def __init__(self, state: ServingState, body: CompletionRequest, response_id: str, model: str,
                  prompts: list[Prompt], choice_prompts: list[Prompt]) -> None:
         self.state, self.body, self.prompts, self.choice_prompts = state, body, prompts, choice_prompts
-        self.base = {"id": response_id, "created": now(), "model": model}
+        self.base = chunk_base(response_id, model)
         self.exclude = None if body.include_usage else {"usage"}
         self.started: set[int] = set()
         self.offsets = [0] * len(choice_prompts)

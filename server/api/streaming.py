@@ -78,9 +78,9 @@ async def sse_stream(group: RequestGroup, state: ServingState, render: ChunkRend
                 group.cancel()
                 yield sse_event(error_body(exc.status, exc.message, param=exc.param, code=exc.code))
                 break
-        event = render.output(index, out, reason, last=not group.pending)
-        if event is not None:
-            yield event
+        chunk = render.output(index, out, reason, last=not group.pending)
+        if chunk is not None:
+            yield chunk
     else:
         tail = render.tail()
         if tail is not None:

@@ -100,7 +100,7 @@ def measure_prefetch_recall(
             store.prefetched.clear()
             out = loaded.model.prefill(ids, kv, 0, pool_size=size)
             assert out.pools is not None
-            actual = {layer: set(out.pools[layer].tolist()) for layer in moe_layers}
+            actual = {layer: set(p.tolist()) for layer in moe_layers if (p := out.pools[layer]) is not None}
             for keys in store.prefetched:  # one prediction per MoE layer after the first
                 layer = keys[0][0]
                 hits[moe_layers.index(layer) - 1] += len(actual[layer] & {e for _, e in keys})

@@ -203,8 +203,8 @@ def _measure(cfg: DecodeBenchConfig, sc: Scenario, engine: Engine, store: Expert
         page_through(store, all_keys)
     log(f"{sc.name}: probe + flush, then TTFT cold / warm ({cfg.prompt_tokens}-token prompt)")
     probe = rec.wait([_submit(engine, rec, "probe", prompt, 1, pool_keys=True)], WAIT_S)[0]
-    pool = (probe.output.expert_pool or {}).get("experts") if probe.output else None
-    layers: list[list[int]] = pool if isinstance(pool, list) else []  # [] for full routing
+    report = probe.output.expert_pool if probe.output else None
+    layers: list[list[int]] = report["experts"] if report is not None else []  # [] for full routing
     used: set[ExpertKey] = {(layer, e) for layer, ids in enumerate(layers) for e in ids}
     if isinstance(store, TieredExpertCache):
         store.wait_for_prefetch(WAIT_S)  # the probe's prefetches must not land after the flush

@@ -140,5 +140,5 @@ def _report(last: RequestOutput, elapsed: float, show_pool: bool, device: object
     if show_pool and last.expert_pool is not None:
         pool = last.expert_pool
         print(f"[expert pool: {pool['size']} per layer]", file=sys.stderr)
-        for layer, ids in enumerate(pool["experts"]):  # type: ignore[arg-type]
+        for layer, ids in enumerate(pool["experts"]):
             print(f"  layer {layer}: {ids}", file=sys.stderr)

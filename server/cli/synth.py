@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from server.model.synth.spec import DEFAULT_DOMAINS, DOMAINS, DTYPES, PRESETS, make_spec
+from server.model.synth.spec import DEFAULT_DOMAINS, DTYPES, PRESETS, make_spec
+from server.model.synth.vocab import DOMAINS
 from server.model.synth.writer import write_spec
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

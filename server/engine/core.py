@@ -23,7 +23,14 @@ from server.engine.kv_slots import KVSlotAllocator
 from server.engine.metrics import EngineMetrics
 from server.engine.model_runner import ModelRunner
 from server.engine.pool_budget import PoolBudget, PoolPredictor
-from server.engine.request import FinishReason, GenerationRequest, RequestOutput, TokenLogprob, Usage
+from server.engine.request import (
+    ExpertPoolReport,
+    FinishReason,
+    GenerationRequest,
+    RequestOutput,
+    TokenLogprob,
+    Usage,
+)
 from server.engine.sampler import RawLogprob, SamplingState, prompt_logprobs, sample
 from server.engine.scheduler import Decode, Scheduler, SchedulerConfig
 from server.engine.sequence import SeqStatus, SeqTimes, Sequence
@@ -229,7 +236,7 @@ class EngineCore:
         self.update_gauges()  # before the output: whoever sees it finished sees the gauges too
         usage = Usage(len(seq.prompt_ids), len(seq.output_ids), seq.experts.hits, seq.experts.misses,
                       seq.experts.bytes_loaded)
-        pool = None
+        pool: ExpertPoolReport | None = None
         if seq.request.return_expert_pool:
             pool = {"size": seq.pool_size if seq.pool_size is not None else "full",
                     "experts": seq.pool_lists()}

@@ -21,7 +21,14 @@ from server.engine.config import MAX_MODEL_LEN_CAP, EngineConfig, resolve_device
 from server.engine.core import EngineCore
 from server.engine.metrics import EngineMetrics
 from server.engine.model_runner import ModelRunner, model_device_dtype
-from server.engine.request import EngineShutdown, GenerationRequest, QueueFull, RequestError, RequestOutput
+from server.engine.request import (
+    EngineShutdown,
+    GenerationRequest,
+    PoolSpec,
+    QueueFull,
+    RequestError,
+    RequestOutput,
+)
 from server.engine.scheduler import SchedulerConfig
 from server.model.kv_cache import KVCache
 
@@ -64,7 +71,7 @@ class Engine:
         self._core = EngineCore(loaded, runner, SchedulerConfig(max_num_seqs=num_slots,
                                                                  max_wait_steps=config.max_wait_steps),
                                 self.metrics, self._forget)
-        self.default_pool: int | str = self._resolve_default_pool()
+        self.default_pool: PoolSpec = self._resolve_default_pool()
         self._cond = threading.Condition()
         self._inbox: deque[tuple[GenerationRequest, OnOutput, int | None]] = deque()
         self._cancels: set[str] = set()
@@ -73,7 +80,7 @@ class Engine:
         self._deadline = 0.0
         self._thread: threading.Thread | None = None
 
-    def _resolve_default_pool(self) -> int | str:
+    def _resolve_default_pool(self) -> PoolSpec:
         pool = self.config.default_pool
         if pool is None:
             pool = self.loaded.config.default_pool_size() or "full"

@@ -12,10 +12,17 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypedDict
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 PoolSpec = int | Literal["full"]
+
+
+class ExpertPoolReport(TypedDict):
+    """``RequestOutput.expert_pool``: the pool size (or "full") and each layer's expert ids."""
+
+    size: PoolSpec
+    experts: list[list[int]]
 
 MAX_LOGPROBS = 20  # top-N bound for logprobs and prompt_logprobs (OpenAI chat allows 20)
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
@@ -179,7 +186,7 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     error: str | None = None
     usage: Usage | None = None
-    expert_pool: dict[str, object] | None = None
+    expert_pool: ExpertPoolReport | None = None
     stop_reason: str | int | None = None
     arrival_time: float = 0.0
     first_token_time: float | None = None

@@ -76,15 +76,15 @@ class Scheduler:
         for seq in self.waiting:
             seq.waited_steps += 1
         if self.waiting and not (self.running and self._last_was_prefill):
-            seq = self._pick()
-            if seq is not None:
+            picked = self._pick()
+            if picked is not None:
                 slot = self.kv.allocate()
                 assert slot is not None  # _pick checked kv.num_free
-                self.waiting.remove(seq)
-                seq.slot, seq.status = slot, SeqStatus.RUNNING
-                self.running.append(seq)
+                self.waiting.remove(picked)
+                picked.slot, picked.status = slot, SeqStatus.RUNNING
+                self.running.append(picked)
                 self._last_was_prefill = True
-                return Prefill(seq)
+                return Prefill(picked)
         self._last_was_prefill = False
         if self.running:
             return Decode(list(self.running))

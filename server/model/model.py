@@ -45,10 +45,12 @@ class MoETransformer(nn.Module):
         self.embed = frozen(tensors[names.embed])  # [V, H]
         self.lm_head = self.embed if config.tie_word_embeddings else frozen(tensors[names.lm_head])
         self.norm = RMSNorm(tensors[names.final_norm], config.rms_norm_eps)
-        self.layers = nn.ModuleList(
+        # A typed view of ``self.layers`` (ModuleList iterates as plain ``nn.Module``).
+        self.decoder_layers: list[DecoderLayer] = [
             DecoderLayer(*build_layer_modules(config, layer, tensors, expert_store))
             for layer in range(config.num_layers)
-        )
+        ]
+        self.layers = nn.ModuleList(self.decoder_layers)
         self.rope = RotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings)
         self.rope.to(self.embed.device)
 
@@ -86,7 +88,7 @@ class MoETransformer(nn.Module):
         pools: list[torch.Tensor | None] | None = None if pool_size is None else []
         pinned: list[ExpertKey] = []
         try:
-            for index, layer in enumerate(self.layers):
+            for index, layer in enumerate(self.decoder_layers):
                 h = x + layer.attn.prefill(layer.attn_norm(x), cos, sin, kv, slot)
                 normed = layer.mlp_norm(h)
                 mlp = layer.mlp
@@ -117,8 +119,8 @@ class MoETransformer(nn.Module):
     def _prefetch_next(self, index: int, h: torch.Tensor, pool_size: int) -> None:
         """Hint the store with the next MoE layer's likely pool: its router on this layer's
         hidden states (the true pool needs this layer's output, which is not computed yet)."""
-        for nxt in range(index + 1, len(self.layers)):
-            layer = self.layers[nxt]
+        for nxt in range(index + 1, len(self.decoder_layers)):
+            layer = self.decoder_layers[nxt]
             if isinstance(layer.mlp, MoEBlock):
                 logits = layer.mlp.router_logits(layer.mlp_norm(h))
                 predicted = select_pool(pool_scores(logits, layer.mlp.spec), layer.mlp.spec, pool_size)
@@ -152,7 +154,7 @@ class MoETransformer(nn.Module):
         cos, sin = self.rope(positions, positions + 1, self.dtype)
         x = F.embedding(input_ids.to(self.device), self.embed)  # [B, H]
         mask = None if pool_mask is None else pool_mask.to(self.device)
-        for index, layer in enumerate(self.layers):
+        for index, layer in enumerate(self.decoder_layers):
             h = x + layer.attn.decode(layer.attn_norm(x), cos, sin, kv, slots, positions, attend_len)
             normed = layer.mlp_norm(h)
             if isinstance(layer.mlp, MoEBlock):
@@ -171,7 +173,7 @@ class MoETransformer(nn.Module):
         if len(pools) != L:
             raise ValueError(f"pools must have one entry per layer ({L}), got {len(pools)}")
         for index, pool in enumerate(pools):
-            layer = self.layers[index]
+            layer = self.decoder_layers[index]
             if pool is not None and isinstance(layer.mlp, MoEBlock):
                 rows[index] = pool_mask(pool.to(self.device), layer.mlp.spec, width)
         return rows

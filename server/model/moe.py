@@ -56,6 +56,7 @@ class MoEBlock(nn.Module):
             y = expert_forward(x, self.fixed_gate_up[f], self.fixed_down[f])
             out += y.float() * routes.fixed_weights[:, f, None]
         if self.shared_mlp is not None:
+            assert self.shared_mlp_gate is not None, "shared_mlp without shared_mlp_gate"
             gate = torch.sigmoid(F.linear(x, self.shared_mlp_gate))  # [T, 1]
             out += (gate * self.shared_mlp(x)).float()
         return out.to(x.dtype)

@@ -13,11 +13,19 @@ from collections.abc import Sequence
 
 import torch
 
-from expert_cache.base import CacheStats, ExpertCatalog, ExpertKey, ExpertStore, PartSpec, TierStats
+from expert_cache.base import (
+    CacheStats,
+    ExpertCatalog,
+    ExpertKey,
+    ExpertStore,
+    PartSpec,
+    TensorChunk,
+    TierStats,
+)
 from expert_cache.safetensors_index import CheckpointError, read_bytes_into
 
 
-def load_part(chunks: Sequence, part: PartSpec, dtype: torch.dtype) -> torch.Tensor:
+def load_part(chunks: Sequence[TensorChunk], part: PartSpec, dtype: torch.dtype) -> torch.Tensor:
     """Read the chunks of one expert part from disk into a CPU tensor of ``part.shape``."""
     pieces = []
     for c in chunks:

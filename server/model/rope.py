@@ -61,6 +61,8 @@ def _yarn(rope: RopeConfig, dim: int) -> tuple[torch.Tensor, float]:
 class RotaryEmbedding(torch.nn.Module):
     """cos/sin tables for positions; frequencies follow ``RopeConfig`` exactly as transformers."""
 
+    inv_freq: torch.Tensor  # registered buffer [D/2] fp32
+
     def __init__(self, rope: RopeConfig, head_dim: int, max_position_embeddings: int) -> None:
         super().__init__()
         self.rope, self.dim, self.max_pos = rope, head_dim, max_position_embeddings

@@ -32,8 +32,10 @@ def read_json(path: Path, required: bool = False) -> dict[str, Any]:
 def _token_text(value: Any) -> str | None:
     if isinstance(value, str):
         return value
-    if isinstance(value, dict) and isinstance(value.get("content"), str):
-        return value["content"]  # a serialised AddedToken
+    if isinstance(value, dict):
+        content = value.get("content")
+        if isinstance(content, str):
+            return content  # a serialised AddedToken
     return None
 
 

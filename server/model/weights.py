@@ -28,7 +28,10 @@ def fixed_key(config: ModelConfig, layer: int, part: str) -> str:
 def _layer_trunk(config: ModelConfig, layer: int) -> Shapes:
     n, H, D = config.names, config.hidden_size, config.head_dim
     q_out, kv_out = config.num_heads * D, config.num_kv_heads * D
-    t = lambda suffix: n.layer_tensor(layer, suffix)  # noqa: E731
+
+    def t(suffix: str) -> str:
+        return n.layer_tensor(layer, suffix)
+
     a = f"{n.attn}."
     shapes: Shapes = {
         t(f"{n.attn_norm}.weight"): (H,),
@@ -130,7 +133,13 @@ def build_layer_modules(
     config: ModelConfig, layer: int, tensors: dict[str, torch.Tensor], store: ExpertStore
 ) -> tuple[RMSNorm, Attention, RMSNorm, MoEBlock | SwiGLU]:
     n = config.names
-    get = lambda suffix: tensors.get(n.layer_tensor(layer, suffix))  # noqa: E731
+
+    def get(suffix: str) -> torch.Tensor | None:
+        return tensors.get(n.layer_tensor(layer, suffix))
+
+    def need(suffix: str) -> torch.Tensor:
+        return tensors[n.layer_tensor(layer, suffix)]
+
     a, m = f"{n.attn}.", f"{n.mlp}."
     attn = Attention(config, layer, {
         "q": get(a + "q_proj.weight"), "k": get(a + "k_proj.weight"),
@@ -140,24 +149,24 @@ def build_layer_modules(
         "q_norm": get(a + "q_norm.weight"), "k_norm": get(a + "k_norm.weight"),
     })
     eps = config.rms_norm_eps
-    attn_norm = RMSNorm(tensors[n.layer_tensor(layer, f"{n.attn_norm}.weight")], eps)
-    mlp_norm = RMSNorm(tensors[n.layer_tensor(layer, f"{n.mlp_norm}.weight")], eps)
+    attn_norm = RMSNorm(need(f"{n.attn_norm}.weight"), eps)
+    mlp_norm = RMSNorm(need(f"{n.mlp_norm}.weight"), eps)
     mlp: MoEBlock | SwiGLU
     if not config.is_moe(layer):
         g, u, d = n.dense_parts
-        weights = [tensors[n.layer_tensor(layer, f"{m}{p}.weight")] for p in (g, u, d)]
+        weights = (need(f"{m}{g}.weight"), need(f"{m}{u}.weight"), need(f"{m}{d}.weight"))
         biases = None
         if config.dense_mlp_bias:
-            biases = tuple(tensors[n.layer_tensor(layer, f"{m}{p}.bias")] for p in (g, u, d))
-        mlp = SwiGLU(*weights, biases=biases)  # type: ignore[arg-type]
+            biases = (need(f"{m}{g}.bias"), need(f"{m}{u}.bias"), need(f"{m}{d}.bias"))
+        mlp = SwiGLU(*weights, biases=biases)
     else:
         shared = None
         if config.shared_mlp_size:
             s = f"{m}{n.shared_mlp}."
-            shared = SwiGLU(*(tensors[n.layer_tensor(layer, f"{s}{p}.weight")]
-                              for p in ("gate_proj", "up_proj", "down_proj")))
+            shared = SwiGLU(need(f"{s}gate_proj.weight"), need(f"{s}up_proj.weight"),
+                            need(f"{s}down_proj.weight"))
         mlp = MoEBlock(
-            config, layer, tensors[n.layer_tensor(layer, f"{m}{n.router}.weight")],
+            config, layer, need(f"{m}{n.router}.weight"),
             tensors[fixed_key(config, layer, "gate_up")], tensors[fixed_key(config, layer, "down")],
             store, shared, get(f"{m}{n.shared_mlp_gate}.weight"),
         )

@@ -79,6 +79,7 @@ def parse_rope(raw: dict[str, Any], max_position_embeddings: int) -> RopeConfig:
     factor = sub.get("factor")
     if factor is None:
         if rope_type == "yarn":
+            assert original is not None  # defaulted above for llama3 / yarn
             factor = max_position_embeddings / original
         elif rope_type != "default":
             raise ValueError(f"config field rope_parameters.factor is missing for rope type {rope_type!r}")

@@ -93,7 +93,7 @@ def write_shards(
                 written = 0
                 for block in blocks(t):
                     raw = block.to(torch_dtype).contiguous().reshape(-1).view(torch.uint8)
-                    f.write(memoryview(raw.numpy()))
+                    f.write(raw.numpy().data)
                     written += raw.numel()
                 if written != tensor_nbytes(t, itemsize):
                     raise RuntimeError(f"tensor {t.name}: generated {written} bytes, header says "

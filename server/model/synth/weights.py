@@ -67,7 +67,7 @@ class PlantedWeights:
         # Orthonormal columns: u_0..u_{D-1}, then u_m.  [H, D+1]
         basis = torch.randn(self.H, self.D + 1, generator=generator(self.seed, "synth.directions"),
                             dtype=torch.float64)
-        self.Q = torch.linalg.qr(basis).Q.to(torch.float32)
+        self.Q: torch.Tensor = torch.linalg.qr(basis).Q.to(torch.float32)
         self._plant_successors()
         self.planted_domain: dict[int, list[int]] = {}  # layer -> expert id -> domain (-1 none)
         for layer in spec.moe_layers:
