@@ -129,6 +129,12 @@ class ExpertStore(ABC):
     def acquire(self, keys: Sequence[ExpertKey]) -> torch.Tensor:
         """Pin ``keys``; return int64 slot ids ``[len(keys)]`` on the slab's device."""
 
+    def acquire_slots(self, keys: Sequence[ExpertKey]) -> list[int]:
+        """``acquire`` with the slot ids as a host list, for callers that index the slab from
+        Python: no host->device->host round trip (on CUDA a sync of the compute stream).
+        Stores that know their slots on the host override this."""
+        return self.acquire(keys).tolist()
+
     @abstractmethod
     def release(self, keys: Sequence[ExpertKey]) -> None: ...
 

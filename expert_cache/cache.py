@@ -102,6 +102,10 @@ class TieredExpertCache(ExpertStore):
             return self._device.slot_ids([])
         return self._device.slot_ids(self._residency.acquire(self._group_of_keys(keys), keys))
 
+    def acquire_slots(self, keys: Sequence[ExpertKey]) -> list[int]:
+        keys = list(keys)
+        return self._residency.acquire(self._group_of_keys(keys), keys) if keys else []
+
     def release(self, keys: Sequence[ExpertKey]) -> None:
         keys = list(keys)
         if keys:

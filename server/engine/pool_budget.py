@@ -70,10 +70,18 @@ class PoolBudget:
                         f"or a larger --expert-cache")
         return None
 
-    def can_admit_pool(self, pool_size: int, full_running: bool) -> bool:
+    def can_admit_pool(self, pool_size: int, full_running: bool,
+                       predicted: Sequence[ExpertKey] | None = None,
+                       pinned: frozenset[ExpertKey] = frozenset()) -> bool:
+        """``predicted``: the request's likely pool; ``pinned``: keys running requests pin now.
+        Pins are shared per key, so predicted experts already pinned cost no free slot. A wrong
+        prediction ends in SlotsExhausted during prefill, which requeues the request."""
         keep = self.reserve if full_running else 0
-        return all(self.store.free_slots(g.rep) - need >= keep
-                   for g, need in zip(self.groups, self.need(pool_size), strict=True))
+        need = self.need(pool_size)
+        if predicted and pinned:
+            shared = [sum(1 for k in set(predicted) if k in pinned and k[0] in g.layers) for g in self.groups]
+            need = [n - s for n, s in zip(need, shared, strict=True)]
+        return all(self.store.free_slots(g.rep) - n >= keep for g, n in zip(self.groups, need, strict=True))
 
     def can_admit_full(self) -> bool:
         return all(self.store.free_slots(g.rep) >= min(self.reserve, self.store.capacity(g.rep))

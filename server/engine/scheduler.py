@@ -116,7 +116,8 @@ class Scheduler:
         if self._pool_blocked:
             return False
         full_running = any(s.pool_size is None for s in self.running)
-        return self.budget.can_admit_pool(seq.pool_size, full_running)
+        pinned = frozenset(k for s in self.running for k in s.pinned)
+        return self.budget.can_admit_pool(seq.pool_size, full_running, seq.predicted_keys, pinned)
 
     def finish(self, seq: Sequence) -> None:
         """Remove a sequence (finished, aborted or failed) and free its KV slot. The caller

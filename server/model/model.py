@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from expert_cache.base import ExpertKey, ExpertStore
-from server.model.attention import Attention
+from server.model.attention import Attention, decode_mask
 from server.model.config import ModelConfig
 from server.model.kv_cache import KVCache
 from server.model.layers import RMSNorm, SwiGLU, frozen
@@ -154,8 +154,9 @@ class MoETransformer(nn.Module):
         cos, sin = self.rope(positions, positions + 1, self.dtype)
         x = F.embedding(input_ids.to(self.device), self.embed)  # [B, H]
         mask = None if pool_mask is None else pool_mask.to(self.device)
+        visible = decode_mask(positions, attend_len)  # the same for every layer
         for index, layer in enumerate(self.decoder_layers):
-            h = x + layer.attn.decode(layer.attn_norm(x), cos, sin, kv, slots, positions, attend_len)
+            h = x + layer.attn.decode(layer.attn_norm(x), cos, sin, kv, slots, positions, attend_len, visible)
             normed = layer.mlp_norm(h)
             if isinstance(layer.mlp, MoEBlock):
                 allowed = None if mask is None else mask[:, index, : layer.mlp.spec.num_experts]

@@ -8,6 +8,8 @@ group is released as soon as it has been computed.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -70,10 +72,10 @@ class MoEBlock(nn.Module):
         experts, counts = torch.unique_consecutive(flat[order], return_counts=True)
         token_of = order // k  # [T*k] token of each sorted pick
         weight_of = routes.weights.reshape(-1)[order]  # [T*k]
-        expert_ids, sizes = experts.tolist(), counts.tolist()  # one host sync per layer step
-        starts = [0]
-        for size in sizes:
-            starts.append(starts[-1] + size)
+        host = torch.cat([experts, counts]).tolist()  # the one device->host sync of a layer step
+        n_experts = len(host) // 2
+        expert_ids = host[:n_experts]
+        starts = list(itertools.accumulate(host[n_experts:], initial=0))
         slab = self.store.slab(self.layer)
         gate_up, down = slab["gate_up"], slab["down"]  # [slots, 2I, H], [slots, H, I]
         i = 0
@@ -83,6 +85,10 @@ class MoEBlock(nn.Module):
             try:
                 for j, slot in enumerate(slots):
                     lo, hi = starts[i + j], starts[i + j + 1]
+                    if hi - lo == T:  # every token (e.g. batch-1 decode): rows are 0..T-1 in order
+                        y = expert_forward(x, gate_up[slot], down[slot])
+                        out.add_(y.float() * weight_of[lo:hi, None])  # same sums as index_add_
+                        continue
                     rows = token_of[lo:hi]
                     y = expert_forward(x.index_select(0, rows), gate_up[slot], down[slot])
                     out.index_add_(0, rows, y.float() * weight_of[lo:hi, None])
@@ -97,7 +103,7 @@ class MoEBlock(nn.Module):
         then propagates as SlotsExhausted). ``acquire`` pins nothing when it raises."""
         keys = [(self.layer, e) for e in expert_ids]
         try:
-            return keys, self.store.acquire(keys).tolist()
+            return keys, self.store.acquire_slots(keys)
         except SlotsExhausted:
             keys = keys[: max(1, self.store.free_slots(self.layer))]
-            return keys, self.store.acquire(keys).tolist()
+            return keys, self.store.acquire_slots(keys)

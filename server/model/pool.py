@@ -6,14 +6,22 @@ experts with the largest score, ties broken towards the lower id.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 from server.model.routing import LayerRouting
 
 
+@lru_cache(maxsize=256)
+def routable_index(spec: LayerRouting, device: torch.device) -> torch.Tensor:
+    """``spec.routable`` as an int64 tensor on ``device``, made once (read-only: never write it)."""
+    return torch.tensor(spec.routable, device=device)
+
+
 def pool_scores(logits: torch.Tensor, spec: LayerRouting) -> torch.Tensor:
     """logits [T, E] -> scores [|R|] (float32), in the order of ``spec.routable``."""
-    routable = torch.tensor(spec.routable, device=logits.device)
+    routable = routable_index(spec, logits.device)
     return torch.softmax(logits.float().index_select(1, routable), dim=-1).sum(dim=0)
 
 
@@ -25,7 +33,7 @@ def select_pool(scores: torch.Tensor, spec: LayerRouting, pool_size: int) -> tor
         )
     # stable sort keeps the lower index (= lower expert id) first among equal scores
     order = torch.sort(scores, descending=True, stable=True).indices[:pool_size]
-    routable = torch.tensor(spec.routable, device=scores.device)
+    routable = routable_index(spec, scores.device)
     return routable[order].sort().values
 
 

@@ -78,6 +78,9 @@ class ResidentExpertStore(ExpertStore):
         return self._slabs[self._group(layer)]
 
     def acquire(self, keys: Sequence[ExpertKey]) -> torch.Tensor:
+        return torch.tensor(self.acquire_slots(keys), dtype=torch.int64, device=self.device)
+
+    def acquire_slots(self, keys: Sequence[ExpertKey]) -> list[int]:
         with self.lock:
             groups = {self._group(layer) for layer, _ in keys}
             if len(groups) > 1:
@@ -90,7 +93,7 @@ class ResidentExpertStore(ExpertStore):
                     self._pinned_per_group[self._group_of[key[0]]] += 1
                 self._pins[key] += 1
             self._hits += len(keys)
-            return torch.tensor([self._slot[k] for k in keys], dtype=torch.int64, device=self.device)
+            return [self._slot[k] for k in keys]
 
     def release(self, keys: Sequence[ExpertKey]) -> None:
         with self.lock:

@@ -120,6 +120,24 @@ def test_pool_admission_needs_free_expert_slots(loaded: LoadedModel, store: Tier
     assert sch.schedule() == Prefill(b)
 
 
+def test_predicted_experts_already_pinned_cost_no_free_slot(loaded: LoadedModel,
+                                                          store: TieredExpertCache) -> None:
+    """Pins are shared per key: a request predicted to reuse a running request's pool is
+    admitted although the free slots alone could not hold a disjoint pool."""
+    sch = make(loaded, store)
+    a = seq(loaded, "a", 4)
+    sch.add(a)
+    assert sch.schedule() == Prefill(a)
+    pin(store, a, 0)  # 16 of 24 pinned, 8 free: a disjoint pool of 4 x 4 layers cannot fit
+    same = seq(loaded, "same", 4, predicted=pool_keys(0, 4))
+    other = seq(loaded, "other", 4, predicted=pool_keys(8, 4))
+    sch.add(other)
+    assert sch.schedule() == Decode([a])
+    assert sch.schedule() == Decode([a])  # other waits: its pool is disjoint
+    sch.add(same)
+    assert sch.schedule() == Prefill(same)
+
+
 def test_full_routing_keeps_a_reserve(loaded: LoadedModel, store: TieredExpertCache) -> None:
     sch = make(loaded, store)
     big = seq(loaded, "big", 6)  # 24 slots: all of them

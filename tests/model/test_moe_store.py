@@ -34,12 +34,12 @@ class FewSlotStore(ResidentExpertStore):
         pinned = sum(1 for key in self._pins if key[0] == layer)
         return self.limit - pinned
 
-    def acquire(self, keys: Sequence[ExpertKey]) -> torch.Tensor:
+    def acquire_slots(self, keys: Sequence[ExpertKey]) -> list[int]:  # acquire() goes through it too
         layer = keys[0][0]
         new = {k for k in keys if self.pin_count(k) == 0}
         if len(new) > self.free_slots(layer):
             raise SlotsExhausted(layer, len(new), self.free_slots(layer), self.limit)
-        slots = super().acquire(keys)
+        slots = super().acquire_slots(keys)
         self.events.append(("acquire", tuple(keys)))
         self.acquired.extend(keys)
         self.peak = max(self.peak, sum(1 for key in self._pins if key[0] == layer))
