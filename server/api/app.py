@@ -45,6 +45,10 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
             grace = 0.0 if state.draining else config.drain_timeout
             state.draining = True
             await asyncio.to_thread(engine.shutdown, grace)
+            # stops the cache's loader thread once nothing can ask it for experts any more
+            close = getattr(loaded.model.expert_store, "close", None)
+            if callable(close):
+                close()
             logger.info("engine stopped")
 
     app = FastAPI(title="emo-serve", version=routes_misc.package_version(), lifespan=lifespan)

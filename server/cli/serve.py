@@ -66,6 +66,11 @@ def build_app(config: ServeConfig) -> FastAPI:
     loaded = load_model(model_dir, device=device, dtype=dtype, expert_store_factory=lambda catalog: (
         TieredExpertCache(catalog, device=device, device_budget_bytes=plan.expert_slot_bytes,
                           host_budget_bytes=plan.host_cache_bytes, registry=registry)))
+    store = loaded.model.expert_store
+    if isinstance(store, TieredExpertCache):
+        # pin the host tier now: pinning GiB-sized blocks lazily would stall the first
+        # requests on the engine thread
+        store.allocate_host_tier()
     mc = loaded.config
     engine = Engine(loaded, EngineConfig(max_num_seqs=config.max_num_seqs, max_model_len=config.max_model_len,
                                          max_queue=config.max_queue, default_pool=config.pool_size,
