@@ -15,6 +15,7 @@ SUBCOMMANDS: dict[str, str] = {
     "generate": "Generate text for one prompt, streaming to stdout",
     "synth": "Write a synthetic EMO-format checkpoint with planted domains",
     "bench": "Benchmark decoding, paging and time to first token",
+    "demo": "Build, train and evaluate the built-in demo EMO",
 }
 
 

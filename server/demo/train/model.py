@@ -1,0 +1,221 @@
+"""A trainable EMO decoder with the checkpoint's tensor names and the inference core's semantics.
+
+Pre-norm layers: h = x + attn(n1(x)); y = h + moe(n2(h)). RMSNorm in fp32, RoPE rotate_half,
+causal attention restricted to each token's own document (segment). Experts are stored stacked
+([E, 2I, H] gate+up rows, [E, H, I] down) and written per expert by `hf_state_dict`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from server.demo.train.config import DemoModelConfig
+from server.demo.train.plan import RoutePlan
+from server.demo.train.routing import load_balancing_loss, route_tokens, segment_pools
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(size)), eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions [B, T] -> cos, sin [B, T, 1, D] (fp32)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    freqs = positions.float()[..., None] * inv_freq  # [B, T, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: DemoModelConfig) -> None:
+        super().__init__()
+        self.c = c
+        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False)
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        c = self.c
+        q = apply_rope(self.q_proj(x).view(B, T, c.num_heads, c.head_dim), *rope)
+        k = apply_rope(self.k_proj(x).view(B, T, c.num_kv_heads, c.head_dim), *rope)
+        v = self.v_proj(x).view(B, T, c.num_kv_heads, c.head_dim)
+        repeat = c.num_heads // c.num_kv_heads
+        k, v = k.repeat_interleave(repeat, dim=2), v.repeat_interleave(repeat, dim=2)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+def experts_forward(
+    x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
+) -> torch.Tensor:
+    """Each expert runs on its own tokens only. x [N, H]; ids, weights [N, k]; gate_up [R, 2I, H]."""
+    k = ids.shape[1]
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
+    tokens = order // k
+    counts = torch.bincount(flat, minlength=gate_up.shape[0]).tolist()
+    outputs = []
+    # unbind once: indexing the stacked weight per expert would make backward allocate and
+    # add a full-size zero gradient for every expert
+    gate_ups, downs = gate_up.unbind(0), down.unbind(0)
+    for expert, rows in enumerate(x[tokens].split(counts)):
+        if counts[expert]:
+            gate, up = F.linear(rows, gate_ups[expert]).chunk(2, dim=-1)  # [n, I] each
+            outputs.append(F.linear(F.silu(gate) * up, downs[expert]))
+    ys = torch.cat(outputs) * weights.reshape(-1)[order, None].to(x.dtype)
+    return torch.zeros_like(x).index_add_(0, tokens, ys)
+
+
+class MoE(nn.Module):
+    def __init__(self, c: DemoModelConfig) -> None:
+        super().__init__()
+        self.c = c
+        self.gate = nn.Linear(c.hidden_size, c.num_experts, bias=False)  # the router [E, H]
+        self.gate_up = nn.Parameter(torch.empty(c.num_experts, 2 * c.intermediate_size, c.hidden_size))
+        self.down = nn.Parameter(torch.empty(c.num_experts, c.hidden_size, c.intermediate_size))
+
+    def forward(self, x: torch.Tensor, plan: RoutePlan, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, H] -> (y [N, H], load-balancing loss). Records the layer's pools in `plan`."""
+        c, R = self.c, self.c.routable_experts
+        logits = self.gate(x)  # [N, E]
+        allowed = None
+        if plan.fixed_pools is not None:
+            allowed = plan.fixed_pools[layer][plan.seg]
+        elif plan.pool_sizes is not None:
+            full = torch.softmax(logits[:, :R].float(), dim=-1)
+            pools = segment_pools(full, plan.seg, plan.num_segments, plan.pool_sizes[layer], plan.score_mask)
+            plan.chosen_pools.append(pools)
+            allowed = pools[plan.seg]  # [N, R]
+        ids, weights, probs, shared_w = route_tokens(logits, c.num_shared_experts, c.num_routed, allowed)
+        y = experts_forward(x, ids, weights, self.gate_up[:R], self.down[:R])
+        for s in range(c.num_shared_experts):
+            gate, up = F.linear(x, self.gate_up[R + s]).chunk(2, dim=-1)
+            y = y + shared_w[:, s : s + 1].to(x.dtype) * F.linear(F.silu(gate) * up, self.down[R + s])
+        return y, load_balancing_loss(probs, ids, plan.valid)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: DemoModelConfig) -> None:
+        super().__init__()
+        self.pre_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = Attention(c)
+        self.pre_feedforward_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = MoE(c)
+
+
+class Trunk(nn.Module):
+    def __init__(self, c: DemoModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.num_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+
+class EmoForTraining(nn.Module):
+    def __init__(self, c: DemoModelConfig) -> None:
+        super().__init__()
+        self.config = c
+        self.model = Trunk(c)
+        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+
+    def init_weights(self, seed: int) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        out_std = 0.02 / math.sqrt(2 * self.config.num_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name == "model.norm.weight":
+                continue
+            std = out_std if name.endswith(("o_proj.weight", "mlp.down")) else 0.02
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
+
+    def forward(self, input_ids: torch.Tensor, plan: RoutePlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids [B, T] -> (logits [B, T, V] float32, mean load-balancing loss over layers)."""
+        c = self.config
+        B, T = input_ids.shape
+        x = self.model.embed_tokens(input_ids)
+        rope = rope_tables(plan.positions, c.head_dim, c.rope_theta)
+        seg = plan.seg.view(B, T)
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        mask = ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]  # [B, 1, T, T]
+        lb_total = x.new_zeros((), dtype=torch.float32)
+        for layer, block in enumerate(self.model.layers):
+            x = x + block.self_attn(block.pre_attention_layernorm(x), rope, mask)
+            y, lb = block.mlp(block.pre_feedforward_layernorm(x).view(B * T, -1), plan, layer)
+            x = x + y.view(B, T, -1)
+            lb_total = lb_total + lb
+        return self.lm_head(self.model.norm(x)).float(), lb_total / c.num_layers
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors under the checkpoint's names (emo-model.md), experts split per expert."""
+        out: dict[str, torch.Tensor] = {}
+        inter = self.config.intermediate_size
+        for name, p in self.state_dict().items():
+            if name.endswith("mlp.gate_up"):
+                prefix = name[: -len("gate_up")]
+                for e in range(p.shape[0]):
+                    out[f"{prefix}experts.{e}.gate_proj.weight"] = p[e, :inter].contiguous()
+                    out[f"{prefix}experts.{e}.up_proj.weight"] = p[e, inter:].contiguous()
+            elif name.endswith("mlp.down"):
+                prefix = name[: -len("down")]
+                for e in range(p.shape[0]):
+                    out[f"{prefix}experts.{e}.down_proj.weight"] = p[e].contiguous()
+            else:
+                out[name] = p
+        return out
+
+    def load_hf_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of `hf_state_dict`; every tensor must be present with its exact shape."""
+        own = self.state_dict()
+        rebuilt: dict[str, torch.Tensor] = {}
+        for name, p in own.items():
+            if name.endswith(("mlp.gate_up", "mlp.down")):
+                prefix = name.rsplit(".", 1)[0] + ".experts"
+                parts = []
+                for e in range(p.shape[0]):
+                    if name.endswith("gate_up"):
+                        parts.append(
+                            torch.cat(
+                                [
+                                    _take(tensors, f"{prefix}.{e}.{part}_proj.weight")
+                                    for part in ("gate", "up")
+                                ]
+                            )
+                        )
+                    else:
+                        parts.append(_take(tensors, f"{prefix}.{e}.down_proj.weight"))
+                rebuilt[name] = torch.stack(parts)
+            else:
+                rebuilt[name] = _take(tensors, name)
+            if rebuilt[name].shape != p.shape:
+                raise ValueError(
+                    f"tensor {name}: shape {tuple(rebuilt[name].shape)}, expected {tuple(p.shape)}"
+                )
+        self.load_state_dict({k: v.to(own[k].dtype) for k, v in rebuilt.items()})
+
+
+def _take(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    if name not in tensors:
+        raise ValueError(f"checkpoint lacks tensor {name}")
+    return tensors[name]

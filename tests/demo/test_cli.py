@@ -1,0 +1,115 @@
+"""`emo-serve demo` end to end on a tiny corpus: tokenizer, both trainings, evaluation, samples."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from server.cli import main
+from tests.demo.conftest import FIXTURE
+
+SOURCES = {
+    "python": "python/json_demo/ringbuf.py",
+    "c": "usr/include/demo/ring.h",
+    "licence": "usr/share/common-licenses/Demo-1.0",
+    "manpage": "usr/share/man/man1/ringcat.1",
+    "dictionary": "usr/share/dictd/foldoc.dict",
+    "prose": "kjv.txt",
+    "changelog": "usr/share/doc/pkga/changelog.Debian",
+}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Both splits hold every fixture document (a held-out split by hash would be near empty)."""
+    out = tmp_path_factory.mktemp("cli-corpus")
+    lines = []
+    for domain, rel in SOURCES.items():
+        text = (FIXTURE / rel).read_text() * 4
+        record = {
+            "id": f"{domain}/{rel}",
+            "domain": domain,
+            "name": rel,
+            "package": "p",
+            "file": "/" + rel,
+            "licence": "l",
+            "text": text,
+        }
+        lines.append(json.dumps(record))
+    for split in ("train", "heldout"):
+        (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return out
+
+
+def test_demo_pipeline(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tok = tmp_path / "tok"
+    assert (
+        main(["demo", "train-tokenizer", "--corpus", str(corpus), "--out", str(tok), "--vocab-size", "400"])
+        == 0
+    )
+    assert json.loads((tok / "tokenizer_config.json").read_text())["chat_template"]
+    common = [
+        "--corpus",
+        str(corpus),
+        "--tokenizer",
+        str(tok),
+        "--preset",
+        "smoke",
+        "--steps",
+        "4",
+        "--seq-len",
+        "64",
+        "--batch-size",
+        "2",
+        "--pool-min",
+        "2",
+    ]
+    assert main(["demo", "train", *common, "--out", str(tmp_path / "emo")]) == 0
+    assert main(["demo", "train", *common, "--out", str(tmp_path / "base"), "--baseline"]) == 0
+    record = json.loads((tmp_path / "emo/training_record.json").read_text())
+    assert record["steps"] == 4 and record["tokens_seen"] > 0 and record["train"]["use_pools"]
+    assert not json.loads((tmp_path / "base/training_record.json").read_text())["train"]["use_pools"]
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "demo",
+                "evaluate",
+                "--emo",
+                str(tmp_path / "emo"),
+                "--baseline",
+                str(tmp_path / "base"),
+                "--corpus",
+                str(corpus),
+                "--out",
+                str(tmp_path / "eval"),
+                "--max-len",
+                "96",
+            ]
+        )
+        == 0
+    )
+    table = capsys.readouterr().out
+    assert "| python |" in table and "| mean |" in table and "Jaccard" in table
+    png = (tmp_path / "eval/pool_heatmap.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    numbers = json.loads((tmp_path / "eval/evaluation.json").read_text())
+    assert set(numbers["losses"]) == {"emo/full", "emo/pool", "emo/random", "baseline/pool", "baseline/full"}
+    assert (
+        main(
+            [
+                "demo",
+                "sample",
+                "--model",
+                str(tmp_path / "emo"),
+                "--corpus",
+                str(corpus),
+                "--max-new-tokens",
+                "3",
+            ]
+        )
+        == 0
+    )
+    assert "layer 0:" in capsys.readouterr().out

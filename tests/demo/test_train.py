@@ -1,0 +1,138 @@
+"""The training loop on CPU: loss falls under both recipes; the checkpoint loads in the serving core."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from server.demo.corpus import DOMAINS, Document
+from server.demo.evaluate import EvalConfig, evaluate_mode, prepare
+from server.demo.tokenizer_train import EOS, PAD, save_tokenizer, special_id, train_tokenizer
+from server.demo.train.data import batches, pack_rows, split_chunks, tokenize
+from server.demo.train.export import load_checkpoint, save_checkpoint
+from server.demo.train.loop import TrainConfig, train
+from server.demo.train.model import EmoForTraining
+from server.demo.train.plan import RoutePlan
+from server.demo.train.run import PRESETS
+from tests.demo.conftest import FIXTURE
+
+TEXTS = {
+    "python": (FIXTURE / "python/json_demo/ringbuf.py").read_text(),
+    "c": (FIXTURE / "usr/include/demo/ring.h").read_text(),
+    "licence": (FIXTURE / "usr/share/common-licenses/Demo-1.0").read_text(),
+    "changelog": (FIXTURE / "usr/share/doc/pkga/changelog.Debian").read_text(),
+    "prose": (FIXTURE / "kjv.txt").read_text(),
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tok")
+    save_tokenizer(train_tokenizer(list(TEXTS.values()) * 3, vocab_size=400), out, model_max_length=256)
+    return out
+
+
+def documents() -> list[Document]:
+    return [Document(d, f"{d}-{i}", "p", "/f", "l", t) for d, t in TEXTS.items() for i in range(2)]
+
+
+def smoke_setup(tokenizer_dir: Path, use_pools: bool) -> tuple[EmoForTraining, TrainConfig, list[list[int]]]:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    config = replace(PRESETS["smoke"], vocab_size=tok.get_vocab_size())
+    model = EmoForTraining(config)
+    model.init_weights(0)
+    cfg = TrainConfig(
+        steps=30,
+        batch_size=4,
+        seq_len=64,
+        lr=1e-2,
+        warmup_steps=3,
+        log_every=1,
+        use_pools=use_pools,
+        pool_min=2,
+        pool_max=8,
+    )
+    chunks = split_chunks(tokenize(documents(), tok, special_id(tok, EOS)), cfg.seq_len)
+    return model, cfg, chunks
+
+
+@pytest.mark.parametrize("use_pools", [True, False], ids=["emo", "baseline"])
+def test_loss_falls(tokenizer_dir: Path, use_pools: bool) -> None:
+    model, cfg, chunks = smoke_setup(tokenizer_dir, use_pools)
+    result = train(model, cfg, batches(chunks, cfg.batch_size, cfg.seq_len, 1, 0))
+    ce = [h["ce"] for h in result.history]
+    assert result.steps == 30 and result.tokens_seen > 0
+    assert sum(ce[-5:]) / 5 < sum(ce[:5]) / 5 - 1.0
+
+
+def test_packing_keeps_documents_apart() -> None:
+    packed = pack_rows([[5, 6, 7], [8, 9], [10, 11, 12, 13]], seq_len=6, pad_id=0)
+    assert packed.input_ids.tolist() == [[5, 6, 7, 8, 9, 0], [10, 11, 12, 13, 0, 0]]
+    assert packed.segments.tolist() == [[0, 0, 0, 1, 1, 2], [0, 0, 0, 0, 1, 1]]
+    # no label crosses a document boundary or points at padding
+    assert packed.labels.tolist() == [[6, 7, -100, 9, -100, -100], [11, 12, 13, -100, -100, -100]]
+
+
+def test_attention_never_crosses_documents(tokenizer_dir: Path) -> None:
+    model, _, _ = smoke_setup(tokenizer_dir, True)
+    ids = torch.randint(5, 300, (1, 12))
+    alone = ids[:, 7:]
+    seg = torch.tensor([[0] * 7 + [1] * 5])
+    with torch.no_grad():
+        packed, _ = model(ids, RoutePlan.from_segments(seg, torch.ones_like(seg, dtype=torch.bool)))
+        single, _ = model(
+            alone, RoutePlan.from_segments(torch.zeros_like(alone), torch.ones_like(alone).bool())
+        )
+    assert torch.allclose(packed[0, 7:], single[0], atol=1e-5)
+
+
+def test_checkpoint_loads_in_the_serving_core_with_equal_logits(tokenizer_dir: Path, tmp_path: Path) -> None:
+    from server.model.kv_cache import KVCache
+    from server.model.loader import load_model
+
+    model, cfg, chunks = smoke_setup(tokenizer_dir, True)
+    train(model, replace(cfg, steps=5), batches(chunks, cfg.batch_size, cfg.seq_len, 1, 0))
+    save_checkpoint(model, tmp_path, tokenizer_dir, {"test": True}, dtype=torch.float32)
+    loaded = load_model(tmp_path, device="cpu", dtype=torch.float32)
+    mine = load_checkpoint(tmp_path)
+    ids = loaded.tokenizer.encode(TEXTS["c"])[:40]
+    for pool in (None, 2, 5):
+        kv = KVCache(loaded.config, 1, 64, "cpu", torch.float32)
+        out = loaded.model.prefill(torch.tensor(ids), kv, 0, pool_size=pool, all_logits=True)
+        x = torch.tensor(ids)[None]
+        plan = RoutePlan.from_segments(torch.zeros_like(x), torch.ones_like(x, dtype=torch.bool))
+        if pool is not None:
+            plan.pool_sizes = torch.full((mine.config.num_layers, 1), pool)
+        with torch.no_grad():
+            logits, _ = mine(x, plan)
+        assert torch.allclose(logits[0], out.logits, atol=1e-4)
+        if pool is not None:
+            assert [p[0].nonzero().flatten().tolist() for p in plan.chosen_pools] == [
+                q.tolist() for q in out.pools
+            ]
+
+
+def test_evaluation_modes_score_the_same_targets(tokenizer_dir: Path) -> None:
+    from tokenizers import Tokenizer
+
+    model, _, _ = smoke_setup(tokenizer_dir, True)
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    cfg = EvalConfig(prefix=16, max_len=64, min_scored=8, batch_size=3)
+    docs = prepare(documents(), tok, cfg)
+    results = {
+        m: evaluate_mode(model.eval(), docs, cfg, m, special_id(tok, PAD)) for m in ("full", "pool", "random")
+    }
+    assert all(results[m].tokens == results["full"].tokens for m in results)
+    assert sum(results["full"].tokens.values()) > 0 and set(results["full"].tokens) == set(DOMAINS)
+    pools = results["pool"].pools
+    assert pools is not None and pools.shape == (
+        len(docs),
+        model.config.num_layers,
+        model.config.routable_experts,
+    )
+    assert (pools.sum(dim=-1) == cfg.pool_size(8, 2)).all()
