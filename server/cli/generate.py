@@ -75,9 +75,9 @@ def run(args: argparse.Namespace) -> int:
         elif args.host_cache is not None:
             raise ValueError("--host-cache needs --expert-cache (without it every expert is resident)")
         if args.model is None:
-            from server.model.synth import demo_checkpoint_dir
+            from server.demo import default_model_dir
 
-            model_dir = demo_checkpoint_dir()
+            model_dir = default_model_dir()
         else:
             model_dir = args.model
         loaded = load_model(model_dir, device=device, dtype=dtype, expert_store_factory=factory)

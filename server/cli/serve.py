@@ -17,6 +17,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from types import FrameType
 
 import uvicorn
@@ -49,14 +50,16 @@ def build_app(config: ServeConfig) -> FastAPI:
     """Plan, load, build the engine and the app. Raises PlanError / ValueError / CheckpointError."""
     from expert_cache import TieredExpertCache
     from server.api.app import create_app
+    from server.demo import DEMO_MODEL_NAME, default_model_dir
     from server.engine.config import EngineConfig, resolve_device, resolve_dtype
     from server.engine.engine import Engine
     from server.model.loader import load_model
-    from server.model.synth import demo_checkpoint_dir
 
-    model_dir = config.model if config.model is not None else demo_checkpoint_dir()
+    model_dir = config.model if config.model is not None else default_model_dir()
     if config.model is None:
-        log.info("no --model given: serving the synthetic demo checkpoint %s", model_dir)
+        log.info("no --model given: serving the built-in demo checkpoint %s", model_dir)
+        if not config.served_model_name:
+            config = replace(config, served_model_name=(DEMO_MODEL_NAME,))
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     plan = plan_memory(config, model_dir, device, dtype)

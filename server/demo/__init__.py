@@ -13,3 +13,17 @@ def demo_model_dir() -> Path | None:
     if all((directory / name).is_file() for name in CHECKPOINT_FILES):
         return directory
     return None
+
+
+DEMO_MODEL_NAME = "emo-demo"
+
+
+def default_model_dir() -> Path:
+    """What `serve` and `generate` run without --model: the trained demo when it is shipped,
+    else the synthetic `tiny` preset (written once to the cache directory)."""
+    shipped = demo_model_dir()
+    if shipped is not None:
+        return shipped
+    from server.model.synth import demo_checkpoint_dir
+
+    return demo_checkpoint_dir()

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from server.bench.config import DecodeBenchConfig, Scenario, scenarios, tier_slots
-from server.bench.png import Canvas, encode_png
 from server.bench.report import JSON_NAME, MARKDOWN_NAME, PLOTS
 from server.bench.run import run_decode_bench
 from server.bench.scenario import ScenarioResult
 from server.bench.targets import check_targets
 from server.cli import main
+from server.png import Canvas, encode_png
 from tests.bench.png_reader import read_png
 
 

@@ -1,4 +1,4 @@
-"""The hand-written PNG encoder: a valid file whose decoded pixels are the ones given."""
+"""The demo heatmap: a valid PNG whose cells carry the colours of their values."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from server.demo.png import colour, heatmap, write_png
+from server.demo.png import colour, heatmap
+from server.png import text_width
 
 
 def decode(path: Path) -> tuple[int, int, bytes]:
@@ -29,20 +30,14 @@ def decode(path: Path) -> tuple[int, int, bytes]:
     return size[0], size[1], zlib.decompress(idat)
 
 
-def test_pixels_round_trip(tmp_path: Path) -> None:
-    pixels = [[(255, 0, 0), (0, 255, 0)], [(0, 0, 255), (10, 20, 30)]]
-    write_png(tmp_path / "a.png", pixels)
-    width, height, raw = decode(tmp_path / "a.png")
-    assert (width, height) == (2, 2)
-    assert raw == b"\x00" + bytes((255, 0, 0, 0, 255, 0)) + b"\x00" + bytes((0, 0, 255, 10, 20, 30))
-
-
 def test_heatmap_layout(tmp_path: Path) -> None:
     heatmap(tmp_path / "h.png", [[0.0, 1.0, 0.5, 0.0]], groups=2, cell=(3, 4), labels=["c"])
     width, height, raw = decode(tmp_path / "h.png")
-    margin = 8 + 4
+    margin = text_width("c") + 6
     assert (width, height) == (margin + 4 * 3 + 2, 5)
-    row = raw[1 : 1 + 3 * width]
+    row = raw[1 : 1 + 3 * width]  # first scanline after its filter byte
     assert tuple(row[3 * (margin + 3) : 3 * (margin + 4)]) == colour(1.0)
+    assert tuple(row[3 * (margin + 6) : 3 * (margin + 7)]) == (128, 128, 128)  # the layer gap
+    assert tuple(row[3 * (margin + 8) : 3 * (margin + 9)]) == colour(0.5)
     with pytest.raises(ValueError, match="do not split"):
         heatmap(tmp_path / "x.png", [[0.0, 1.0, 0.5]], groups=2)

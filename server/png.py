@@ -1,8 +1,8 @@
 """A tiny RGB raster with lines, boxes and a 3x5 pixel font, written as PNG (zlib + struct).
 
-Used for the benchmark plots when matplotlib is not installed. PNG layout: the 8-byte signature,
-then chunks ``length | type | data | crc32(type + data)``: IHDR (8-bit RGB), one IDAT (the
-zlib-compressed scanlines, each prefixed by filter byte 0), IEND.
+Used for the benchmark plots (when matplotlib is not installed) and the demo's pool heatmap.
+PNG layout: the 8-byte signature, then chunks ``length | type | data | crc32(type + data)``:
+IHDR (8-bit RGB), one IDAT (the zlib-compressed scanlines, each prefixed by filter byte 0), IEND.
 """
 
 from __future__ import annotations
