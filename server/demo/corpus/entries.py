@@ -94,7 +94,8 @@ def dictionary_docs(roots: Roots, index: PackageIndex, limits: Limits) -> Iterat
 
 def bible_chapters(lines: Iterable[str]) -> Iterator[tuple[str, str]]:
     """(book+chapter, text) from `bible -f` output, one chapter per document."""
-    current, verses = "", []
+    current = ""
+    verses: list[str] = []
     for line in lines:
         match = _VERSE.match(line.strip())
         if match is None:

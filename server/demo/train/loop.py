@@ -121,7 +121,7 @@ def train(
         batch = next(data)
         ce, lb = train_step_loss(model, batch, cfg, generator)
         optimizer.zero_grad(set_to_none=True)
-        (ce + cfg.lb_weight * lb).backward()
+        torch.autograd.backward(ce + cfg.lb_weight * lb)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         result.steps = step + 1

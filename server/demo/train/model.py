@@ -64,7 +64,8 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
         )
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        projected: torch.Tensor = self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        return projected
 
 
 def experts_forward(
@@ -80,7 +81,7 @@ def experts_forward(
     # unbind once: indexing the stacked weight per expert would make backward allocate and
     # add a full-size zero gradient for every expert
     gate_ups, downs = gate_up.unbind(0), down.unbind(0)
-    for expert, rows in enumerate(x[tokens].split(counts)):
+    for expert, rows in enumerate(torch.split(x[tokens], counts)):
         if counts[expert]:
             gate, up = F.linear(rows, gate_ups[expert]).chunk(2, dim=-1)  # [n, I] each
             outputs.append(F.linear(F.silu(gate) * up, downs[expert]))
@@ -160,7 +161,8 @@ class EmoForTraining(nn.Module):
         causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
         mask = ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]  # [B, 1, T, T]
         lb_total = x.new_zeros((), dtype=torch.float32)
-        for layer, block in enumerate(self.model.layers):
+        blocks: list[DecoderLayer] = [b for b in self.model.layers if isinstance(b, DecoderLayer)]
+        for layer, block in enumerate(blocks):
             x = x + block.self_attn(block.pre_attention_layernorm(x), rope, mask)
             y, lb = block.mlp(block.pre_feedforward_layernorm(x).view(B * T, -1), plan, layer)
             x = x + y.view(B, T, -1)

@@ -88,4 +88,5 @@ def training_record(
 
 
 def read_record(checkpoint: Path) -> dict[str, Any]:
-    return json.loads((checkpoint / "training_record.json").read_text())
+    record: dict[str, Any] = json.loads((checkpoint / "training_record.json").read_text())
+    return record
