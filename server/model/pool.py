@@ -40,11 +40,9 @@ def select_pool(scores: torch.Tensor, spec: LayerRouting, pool_size: int) -> tor
 def pool_mask(pool: torch.Tensor | None, spec: LayerRouting, width: int) -> torch.Tensor:
     """[width] bool: True for allowed routable experts of the pool and for every non-routable
     (fixed) id; all True for full routing (pool None) and for dense layers (spec None)."""
-    device = pool.device if pool is not None else None
     if pool is None:
-        return torch.ones(width, dtype=torch.bool, device=device)
-    mask = torch.ones(width, dtype=torch.bool, device=device)
-    routable = torch.tensor(spec.routable, device=device)
-    mask[routable] = False
+        return torch.ones(width, dtype=torch.bool)
+    mask = torch.ones(width, dtype=torch.bool, device=pool.device)
+    mask[routable_index(spec, pool.device)] = False
     mask[pool] = True
     return mask
