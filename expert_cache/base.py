@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,6 +102,41 @@ class CacheStats:
     capacity_slots: int = 0
 
 
+@dataclass(frozen=True)
+class LayerResidency:
+    """Where one layer's pageable experts are at one moment; every id list is sorted.
+
+    Capacities are those of the slab serving the layer: layers whose experts have the same
+    shapes share one slab per tier, so ``slab`` names it and its slots are shared.
+    """
+
+    layer: int
+    slab: int
+    experts: tuple[int, ...]  # every pageable expert id of the layer
+    device_capacity: int
+    host_capacity: int
+    resident: tuple[int, ...]  # in a device slot and ready to compute with
+    pinned: tuple[int, ...]  # held by a running request (ready or still loading)
+    loading: tuple[int, ...]  # being copied into a device slot
+    host_resident: tuple[int, ...]  # in a host-tier buffer
+
+
+@dataclass(frozen=True)
+class ResidencySnapshot:
+    """Every layer's residency and the counters, taken together under the store's lock."""
+
+    layers: tuple[LayerResidency, ...]
+    stats: CacheStats
+
+
+def ids_by_layer(keys: Iterable[ExpertKey]) -> dict[int, tuple[int, ...]]:
+    """``{layer: sorted expert ids}`` of ``keys``, layers in order."""
+    by_layer: dict[int, list[int]] = {}
+    for layer, expert in keys:
+        by_layer.setdefault(layer, []).append(expert)
+    return {layer: tuple(sorted(by_layer[layer])) for layer in sorted(by_layer)}
+
+
 class ExpertStore(ABC):
     """Gives the model device tensors of experts it asks for, by slot.
 
@@ -154,3 +189,7 @@ class ExpertStore(ABC):
 
     @abstractmethod
     def stats(self) -> CacheStats: ...
+
+    @abstractmethod
+    def snapshot(self) -> ResidencySnapshot:
+        """Which experts are where now, layer by layer, with ``stats()`` of the same moment."""

@@ -19,7 +19,16 @@ from collections.abc import Sequence
 import torch
 from prometheus_client import CollectorRegistry
 
-from expert_cache.base import CacheStats, ExpertCatalog, ExpertKey, ExpertStore, TierStats
+from expert_cache.base import (
+    CacheStats,
+    ExpertCatalog,
+    ExpertKey,
+    ExpertStore,
+    LayerResidency,
+    ResidencySnapshot,
+    TierStats,
+    ids_by_layer,
+)
 from expert_cache.device_tier import DeviceTier, SlotState
 from expert_cache.disk_reader import DiskReader
 from expert_cache.host_tier import HostTier, StagingBuffers
@@ -143,6 +152,34 @@ class TieredExpertCache(ExpertStore):
                 capacity_slots=sum(self._device.capacities),
             )
 
+    def snapshot(self) -> ResidencySnapshot:
+        ready: list[ExpertKey] = []
+        pinned: list[ExpertKey] = []
+        loading: list[ExpertKey] = []
+        on_host: list[ExpertKey] = []
+        with self.lock:
+            stats = self.stats()
+            for table, states, host in zip(self._device.tables, self._device.states, self._host.tables,
+                                           strict=True):
+                for key in table.resident_keys():
+                    # FILLING is a copy under way; STALE a failed one that its next waiter redoes
+                    (ready if states[table.slot_of(key)] is SlotState.READY else loading).append(key)
+                    if table.pins(key):
+                        pinned.append(key)
+                on_host.extend(host.resident_keys())
+        ids = {name: ids_by_layer(keys) for name, keys in
+               (("resident", ready), ("pinned", pinned), ("loading", loading), ("host", on_host))}
+        layers = []
+        for layer, experts in ids_by_layer(self.catalog.chunks).items():
+            group = self._layer_group[layer]
+            layers.append(LayerResidency(
+                layer=layer, slab=group, experts=experts,
+                device_capacity=self._device.capacities[group], host_capacity=self._host.capacity(group),
+                resident=ids["resident"].get(layer, ()), pinned=ids["pinned"].get(layer, ()),
+                loading=ids["loading"].get(layer, ()), host_resident=ids["host"].get(layer, ()),
+            ))
+        return ResidencySnapshot(tuple(layers), stats)
+
     # -- extras --------------------------------------------------------------------------------
     def host_capacity(self, layer: int) -> int:
         """Experts of ``layer``'s slab group the host tier can hold."""
@@ -212,3 +249,4 @@ class TieredExpertCache(ExpertStore):
             layers = sorted({k[0] for k in keys})
             raise ValueError(f"one acquire/release must stay within one slab group; got layers {layers}")
         return groups.pop()
+

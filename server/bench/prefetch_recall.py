@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from expert_cache.base import CacheStats, ExpertCatalog, ExpertKey, ExpertStore
+from expert_cache.base import CacheStats, ExpertCatalog, ExpertKey, ExpertStore, ResidencySnapshot
 from server.model.kv_cache import KVCache
 from server.model.loader import load_model
 from server.model.resident import ResidentExpertStore
@@ -53,6 +53,9 @@ class RecordingStore(ExpertStore):
 
     def stats(self) -> CacheStats:
         return self.inner.stats()
+
+    def snapshot(self) -> ResidencySnapshot:
+        return self.inner.snapshot()
 
 
 @dataclass(frozen=True)

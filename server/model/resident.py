@@ -18,9 +18,12 @@ from expert_cache.base import (
     ExpertCatalog,
     ExpertKey,
     ExpertStore,
+    LayerResidency,
     PartSpec,
+    ResidencySnapshot,
     TensorChunk,
     TierStats,
+    ids_by_layer,
 )
 from expert_cache.safetensors_index import CheckpointError, read_bytes_into
 
@@ -133,3 +136,16 @@ class ResidentExpertStore(ExpertStore):
                 pinned_slots=len(self._pins),
                 capacity_slots=slots,
             )
+
+    def snapshot(self) -> ResidencySnapshot:
+        slab_index = {group: i for i, group in enumerate(self._slabs)}
+        with self.lock:
+            stats = self.stats()
+            pinned = ids_by_layer(self._pins)
+        layers = tuple(
+            LayerResidency(layer=layer, slab=slab_index[self._group_of[layer]], experts=experts,
+                           device_capacity=self.capacity(layer), host_capacity=0, resident=experts,
+                           pinned=pinned.get(layer, ()), loading=(), host_resident=())
+            for layer, experts in ids_by_layer(self._slot).items()
+        )
+        return ResidencySnapshot(layers, stats)
