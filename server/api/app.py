@@ -20,6 +20,7 @@ from server.api.config import ServeConfig
 from server.api.errors import install_error_handlers
 from server.api.metrics import HTTPMetrics
 from server.api.request_context import RequestContextMiddleware
+from server.api.routes_playground import install_playground
 from server.api.serving import ServingState
 from server.engine.engine import Engine
 
@@ -60,4 +61,5 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     app.include_router(routes_chat.router, dependencies=protected)
     app.include_router(routes_misc.protected, dependencies=protected)
     app.include_router(routes_misc.probes)
+    install_playground(app)
     return app

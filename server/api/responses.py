@@ -12,6 +12,8 @@ from typing import Any, ClassVar, Literal, TypedDict
 
 from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 
+from expert_cache.base import ResidencySnapshot, TierStats
+
 FinishReason = Literal["stop", "length"]
 
 
@@ -204,3 +206,68 @@ class TokenizeResponse(BaseModel):
 
 class DetokenizeResponse(BaseModel):
     prompt: str
+
+
+# ---- /v1/expert_cache (extension) ----
+class DeviceTierResidency(BaseModel):
+    capacity: int  # slots of the layer's slab, shared by every layer of that slab
+    resident: list[int]  # expert ids ready in a device slot
+    pinned: list[int]  # held by running requests
+    loading: list[int]  # being copied into a device slot
+
+
+class HostTierResidency(BaseModel):
+    capacity: int
+    resident: list[int]
+
+
+class LayerResidencyInfo(BaseModel):
+    layer: int
+    slab: int
+    experts: list[int]  # every pageable (routable) expert id of the layer
+    device: DeviceTierResidency
+    host: HostTierResidency
+
+
+class TierCounters(BaseModel):
+    hits: int
+    misses: int
+    evictions: int
+    resident: int
+    resident_bytes: int
+    capacity_bytes: int
+
+    @classmethod
+    def of(cls, tier: TierStats) -> TierCounters:
+        return cls(hits=tier.hits, misses=tier.misses, evictions=tier.evictions, resident=tier.resident,
+                   resident_bytes=tier.resident_bytes, capacity_bytes=tier.capacity_bytes)
+
+
+class ExpertCacheInfo(BaseModel):
+    """Where every pageable expert is now, and the cache's counters since start."""
+
+    object: Literal["expert_cache"] = "expert_cache"
+    device: TierCounters
+    host: TierCounters
+    bytes_loaded_from_host: int
+    bytes_loaded_from_disk: int
+    pinned_slots: int
+    capacity_slots: int
+    layers: list[LayerResidencyInfo]
+
+    @classmethod
+    def of(cls, snap: ResidencySnapshot) -> ExpertCacheInfo:
+        s = snap.stats
+        layers = [
+            LayerResidencyInfo(
+                layer=r.layer, slab=r.slab, experts=list(r.experts),
+                device=DeviceTierResidency(capacity=r.device_capacity, resident=list(r.resident),
+                                           pinned=list(r.pinned), loading=list(r.loading)),
+                host=HostTierResidency(capacity=r.host_capacity, resident=list(r.host_resident)),
+            )
+            for r in snap.layers
+        ]
+        return cls(device=TierCounters.of(s.device), host=TierCounters.of(s.host),
+                   bytes_loaded_from_host=s.bytes_loaded_from_host,
+                   bytes_loaded_from_disk=s.bytes_loaded_from_disk, pinned_slots=s.pinned_slots,
+                   capacity_slots=s.capacity_slots, layers=layers)

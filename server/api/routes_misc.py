@@ -1,4 +1,4 @@
-"""The small routes: models, probes, metrics, version, tokenizer.
+"""The small routes: models, probes, metrics, version, tokenizer, expert-cache snapshot.
 
 ``protected`` routes sit behind the API key like /v1 generation; ``probes`` stay open so load
 balancers and Prometheus need no secret. /health says the process answers; /ready says the
@@ -7,12 +7,20 @@ model is loaded and the engine thread runs (and the server is not draining).
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server.api.generation import check_token_ids, encode
 from server.api.protocol import DetokenizeRequest, TokenizeRequest
-from server.api.responses import DetokenizeResponse, ModelCard, ModelList, TokenizeResponse
+from server.api.responses import (
+    DetokenizeResponse,
+    ExpertCacheInfo,
+    ModelCard,
+    ModelList,
+    TokenizeResponse,
+)
 from server.api.routes_chat import chat_prompt
 from server.api.serving import read_body, serving
 
@@ -34,6 +42,13 @@ async def list_models(request: Request) -> ModelList:
     state = serving(request)
     return ModelList(data=[ModelCard(id=name, root=state.model_root, max_model_len=state.max_model_len)
                            for name in state.served_names])
+
+
+@protected.get("/v1/expert_cache")
+async def expert_cache(request: Request) -> ExpertCacheInfo:
+    store = serving(request).engine.loaded.model.expert_store
+    # off the event loop: the snapshot waits for the cache's lock, which the engine holds briefly
+    return ExpertCacheInfo.of(await asyncio.to_thread(store.snapshot))
 
 
 @protected.post("/tokenize")
