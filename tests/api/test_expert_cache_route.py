@@ -72,18 +72,20 @@ def test_snapshot_describes_the_cache_after_a_request(live: LiveServer, http: ht
     assert host["hits"] + host["misses"] >= 4 * len(mc.moe_layers) and snap["bytes_loaded_from_disk"] > 0
     for tier in ("device", "host"):  # the same counters /metrics exports
         for counter in ("hits", "misses"):
-            assert snap[tier][counter] == live.metric(f"emo_serve_expert_cache_{counter}_total", {"tier": tier})
+            exported = live.metric(f"emo_serve_expert_cache_{counter}_total", {"tier": tier})
+            assert snap[tier][counter] == exported, (tier, counter)
 
 
 def test_playground_files_are_served_and_self_contained(live: LiveServer) -> None:
     page = httpx.get(live.url + "/", timeout=30)  # open: the page asks for the key itself
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     linked = re.findall(r'(?:src|href)="([^"]+)"', page.text)
-    assert sorted(linked) == ["static/app.js", "static/style.css"]
-    for path, kind in (("static/app.js", "javascript"), ("static/style.css", "text/css")):
+    assert sorted(linked) == ["static/app.js", "static/favicon.svg", "static/style.css"]
+    for path, kind in (("static/app.js", "javascript"), ("static/style.css", "text/css"),
+                       ("static/favicon.svg", "image/svg+xml")):
         r = httpx.get(f"{live.url}/{path}", timeout=30)
         assert r.status_code == 200 and kind in r.headers["content-type"], (path, r.headers)
     for file in STATIC_DIR.iterdir():  # no CDN, no web font: deployments often have no internet
-        text = file.read_text()
+        text = file.read_text().replace('xmlns="http://www.w3.org/2000/svg"', "")  # a name, not a fetch
         assert not re.search(r"https?://|url\(|@import|//cdn", text), f"{file.name} refers outside the server"
     assert httpx.get(live.url + "/static/nothing.js", timeout=30).status_code == 404

@@ -1,7 +1,8 @@
 """The image's install, without Docker: the build context the .dockerignore lets through, the
 files the Dockerfile copies, a fresh virtual environment (no system site-packages), torch at
 the Dockerfile's pin, then `pip install` of the copy without extras. The installed `emo-serve
-serve` must come up with the image's settings, answer, and exit 0 on SIGTERM."""
+serve` must come up with the image's settings, answer (the playground page too), and exit 0 on
+SIGTERM."""
 
 from __future__ import annotations
 
@@ -95,6 +96,10 @@ def test_fresh_install_serves_and_drains(tmp_path: Path, tiny_emo_checkpoint: Pa
         reply = httpx.post(url + "/v1/completions", timeout=60,
                            json={"model": name, "prompt": "hello", "max_tokens": 2})
         assert reply.status_code == 200, reply.text
+        page = httpx.get(url + "/", timeout=10)  # the playground's files came as package data
+        assert page.status_code == 200 and "static/app.js" in page.text, page.text[:300]
+        for asset in ("static/app.js", "static/style.css", "static/favicon.svg"):
+            assert httpx.get(f"{url}/{asset}", timeout=10).status_code == 200, asset
     finally:
         code = stop(proc)
     assert code == 0, f"exit code {code} after SIGTERM:\n{log.read_text()[-4000:]}"

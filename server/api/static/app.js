@@ -270,7 +270,9 @@ async function send() {
     });
     if (!response.ok) { setStatus(await errorMessage(response), true); return; }
     await readEvents(response);
-    setStatus(`Done in ${((performance.now() - started) / 1000).toFixed(1)} s.`);
+    const seconds = ((performance.now() - started) / 1000).toFixed(1);
+    const tokens = requestUsage ? `${requestUsage.completion_tokens} tokens ` : "";
+    setStatus(`Done: ${tokens}in ${seconds} s.`);
   } catch (err) {
     if (err.name === "AbortError") setStatus("Stopped.");
     else setStatus(err.message, true);
