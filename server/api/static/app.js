@@ -17,6 +17,7 @@ const ui = {
 
 let apiKey = sessionStorage.getItem(KEY_STORAGE);
 let keyPrompt = null; // the pending askForKey() promise, shared by every request that got a 401
+let keyAnswered = null; // resolves keyPrompt
 let streaming = null; // AbortController of the running completion
 let layout = ""; // layers and expert ids the map was built for
 let cells = new Map(); // "layer:expert" -> cell element
@@ -27,20 +28,11 @@ let pollTimer = 0;
 // ---- HTTP with the API key --------------------------------------------------------------
 function askForKey(message) {
   if (!keyPrompt) {
-    keyPrompt = new Promise((resolve) => {
-      ui.keyError.textContent = message;
-      ui.keyInput.value = "";
-      ui.keyForm.onsubmit = (event) => {
-        event.preventDefault();
-        apiKey = ui.keyInput.value.trim();
-        sessionStorage.setItem(KEY_STORAGE, apiKey);
-        ui.keyDialog.close();
-        keyPrompt = null;
-        resolve();
-      };
-      ui.keyDialog.showModal();
-      ui.keyInput.focus();
-    });
+    keyPrompt = new Promise((resolve) => { keyAnswered = resolve; });
+    ui.keyError.textContent = message;
+    ui.keyInput.value = "";
+    ui.keyDialog.showModal();
+    ui.keyInput.focus();
   }
   return keyPrompt;
 }
@@ -111,6 +103,7 @@ function buildMap(layers) {
     return row;
   });
   ui.map.replaceChildren(...rows);
+  ui.map.classList.toggle("dense", widest > 64); // e.g. 128 experts: 1px gaps leave room for cells
   ui.map.setAttribute("aria-label",
     `Expert residency: ${layers.length} MoE layers by up to ${widest} routable experts`);
 }
@@ -144,8 +137,10 @@ function drawSnapshot(snap) {
   for (const cell of cells.values()) {
     const { layer, expert } = cell.dataset;
     const state = cellState(inSet, layer, expert);
-    if (cell.dataset.state !== state) cell.dataset.state = state;
-    cell.title = `layer ${layer}, expert ${expert}: ${state}${cell.dataset.pool ? ", in the pool" : ""}`;
+    if (cell.dataset.state !== state) {
+      cell.dataset.state = state;
+      cell.title = `layer ${layer}, expert ${expert}: ${state}`;
+    }
   }
   const deviceSlots = [...slabs.values()].reduce((n, l) => n + l.device.capacity, 0);
   const hostSlots = [...slabs.values()].reduce((n, l) => n + l.host.capacity, 0);
@@ -285,8 +280,20 @@ async function send() {
 }
 
 ui.send.addEventListener("click", send);
-// Without a key nothing works, so Escape does not dismiss the key dialog.
+ui.keyForm.addEventListener("submit", (event) => {
+  event.preventDefault();
+  apiKey = ui.keyInput.value.trim();
+  sessionStorage.setItem(KEY_STORAGE, apiKey);
+  ui.keyDialog.close();
+});
+// Without a key nothing works, so Escape does not dismiss the dialog; should it close anyway,
+// the waiting requests go on, get 401 again and ask again.
 ui.keyDialog.addEventListener("cancel", (event) => event.preventDefault());
+ui.keyDialog.addEventListener("close", () => {
+  const answered = keyAnswered;
+  keyPrompt = keyAnswered = null;
+  if (answered) answered();
+});
 ui.prompt.addEventListener("keydown", (event) => {
   if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) send();
 });
