@@ -23,7 +23,8 @@ logger = logging.getLogger("server.api.access")
 
 REQUEST_ID: ContextVar[str] = ContextVar("emo_serve_request_id", default="-")
 _VALID_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")  # anything else is replaced: no log injection
-_QUIET = frozenset({"/health", "/ready", "/metrics"})  # probes and scrapes: logged at DEBUG
+# probes, scrapes and the playground's polling (4 a second while it generates): logged at DEBUG
+_QUIET = frozenset({"/health", "/ready", "/metrics", "/v1/expert_cache"})
 CLIENT_DISCONNECTED = 499  # status recorded when the client left before the response (nginx's)
 
 

@@ -3,6 +3,7 @@ at / and /static: served, and referring to nothing outside the server."""
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ import pytest
 from server.api.routes_playground import STATIC_DIR
 from server.model.config import load_config
 from server.model.synth import sample_prompt
-from tests.api.live_server import LiveServer, live_server, serve_config
+from tests.api.live_server import LiveServer, live_server, serve_config, wait_for
 
 KEY = "sk-expert-cache-test"
 SLOTS = 48  # of 4 x 32 pageable experts: paging happens
@@ -89,3 +90,16 @@ def test_playground_files_are_served_and_self_contained(live: LiveServer) -> Non
         text = file.read_text().replace('xmlns="http://www.w3.org/2000/svg"', "")  # a name, not a fetch
         assert not re.search(r"https?://|url\(|@import|//cdn", text), f"{file.name} refers outside the server"
     assert httpx.get(live.url + "/static/nothing.js", timeout=30).status_code == 404
+
+
+def test_polling_stays_out_of_the_info_log(http: httpx.Client, caplog: pytest.LogCaptureFixture) -> None:
+    """The playground polls the snapshot 4 times a second while it generates."""
+    with caplog.at_level(logging.DEBUG, logger="server.api.access"):
+        assert http.get("/v1/expert_cache").status_code == 200 and http.get("/v1/models").status_code == 200
+
+        def levels() -> dict[str, int]:  # the access line is written once the response has gone
+            return {r.getMessage().split()[1]: r.levelno for r in caplog.records
+                    if r.name == "server.api.access" and r.getMessage().startswith("GET ")}
+
+        wait_for(lambda: {"/v1/expert_cache", "/v1/models"} <= set(levels()), what="the access log lines")
+    assert levels()["/v1/expert_cache"] == logging.DEBUG and levels()["/v1/models"] == logging.INFO
