@@ -86,6 +86,9 @@ def test_playground_files_are_served_and_self_contained(live: LiveServer) -> Non
                        ("static/favicon.svg", "image/svg+xml")):
         r = httpx.get(f"{live.url}/{path}", timeout=30)
         assert r.status_code == 200 and kind in r.headers["content-type"], (path, r.headers)
+        assert r.headers["cache-control"] == "no-cache"  # revalidated: an upgrade is seen at once
+        again = httpx.get(f"{live.url}/{path}", timeout=30, headers={"If-None-Match": r.headers["etag"]})
+        assert again.status_code == 304
     for file in STATIC_DIR.iterdir():  # no CDN, no web font: deployments often have no internet
         text = file.read_text().replace('xmlns="http://www.w3.org/2000/svg"', "")  # a name, not a fetch
         assert not re.search(r"https?://|url\(|@import|//cdn", text), f"{file.name} refers outside the server"
