@@ -11,6 +11,8 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+from server.model.families.emo import as_written_by_authors
+
 SPECIALS = ["<unk>", "<bos>", "<eos>", "<pad>"]
 
 EMO_BASE: dict[str, Any] = {
@@ -84,7 +86,7 @@ def write_emo(directory: Path, seed: int = 0, shards: int = 1, dtype: torch.dtyp
               **overrides: Any) -> dict[str, Any]:
     """config.json + safetensors (sharded with an index when shards > 1) + tokenizer files."""
     directory.mkdir(parents=True, exist_ok=True)
-    config = {**EMO_BASE, **overrides}
+    config = as_written_by_authors({**EMO_BASE, **overrides})  # with nulls, as real configs have
     tensors = emo_tensors(config, seed, dtype)
     (directory / "config.json").write_text(json.dumps(config))
     write_tokenizer(directory, config["vocab_size"])

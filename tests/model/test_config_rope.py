@@ -87,8 +87,3 @@ def test_other_families_default_to_full_routing() -> None:
     assert mixtral.names.expert(1, 3, 2) == "model.layers.1.block_sparse_moe.experts.3.w2.weight"
     with pytest.raises(ValueError, match="sliding_window"):
         FAMILIES["mixtral"]({**raw, "num_local_experts": 8, "sliding_window": 32})
-
-
-def test_combining_shared_and_always_active_is_refused() -> None:
-    with pytest.raises(ValueError, match="always_active_experts cannot be combined"):
-        emo(always_active_experts=[0])

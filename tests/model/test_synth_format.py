@@ -18,13 +18,9 @@ from server.model.synth import DOMAINS, demo_checkpoint_dir, planted_experts, sa
 from server.model.synth.spec import make_spec
 from server.model.synth.words import COMMON_WORDS, DOMAIN_WORDS
 
-CONFIG_KEYS = {
-    "architectures", "model_type", "hidden_act", "vocab_size", "hidden_size", "num_hidden_layers",
-    "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size", "num_experts",
-    "num_experts_per_tok", "num_shared_experts", "norm_topk_prob", "attention_bias", "rope_theta",
-    "rms_norm_eps", "tie_word_embeddings", "max_position_embeddings", "bos_token_id", "eos_token_id",
-    "pad_token_id", "torch_dtype", "emo_synth",
-}
+AUTHORS_CONFIG = Path(__file__).resolve().parents[1] / "fixtures" / "emo_reference" / \
+    "emo_1b14b_1t.transformers-4.57.1.config.json"  # written by the authors' EmoConfig
+OUR_EXTRA_KEYS = {"head_dim", "bos_token_id", "torch_dtype", "emo_synth"}
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +51,9 @@ def test_files_index_and_headers_agree(tiny: Path) -> None:
 
 def test_config_keys_and_values(tiny: Path) -> None:
     config = json.loads((tiny / "config.json").read_text())
-    assert set(config) == CONFIG_KEYS
+    authors = set(json.loads(AUTHORS_CONFIG.read_text())) - {"transformers_version"}
+    assert set(config) == authors | OUR_EXTRA_KEYS  # every key their code writes, nulls included
+    assert config["dense_intermediate_size"] is None and config["rope_scaling"] is None
     assert config["model_type"] == "emo" and config["architectures"] == ["EmoForCausalLM"]
     assert config["tie_word_embeddings"] is False and config["torch_dtype"] == "bfloat16"
     assert config["num_shared_experts"] == 1 and config["num_experts"] == 32

@@ -7,6 +7,31 @@ from typing import Any
 from server.model.config import RopeConfig
 
 _MISSING = object()
+ROPE_FIELDS = ("rope_parameters", "rope_scaling")
+
+
+def drop_nulls(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` with every ``null`` removed, inside the rope dicts too.
+
+    transformers' ``save_pretrained`` writes every optional field of a config class, ``null``
+    when unset (``"dense_intermediate_size": null``, ``"rope_scaling": null``); the model code
+    reading it treats those as "not given". Reading null as absent everywhere gives one rule.
+    """
+    out = {k: v for k, v in raw.items() if v is not None}
+    for name in ROPE_FIELDS:
+        if isinstance(out.get(name), dict):
+            out[name] = {k: v for k, v in out[name].items() if v is not None}
+    return out
+
+
+def with_defaults(raw: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """Nulls dropped, then the family's own defaults (its config class's) for absent fields:
+    what transformers builds from a config.json that leaves a field out. One exception: a null
+    ``num_key_value_heads`` keeps the Llama family's backward-compatible meaning, one KV head per
+    attention head, whatever the default for an absent field."""
+    if "num_key_value_heads" in raw and raw["num_key_value_heads"] is None:
+        defaults = {k: v for k, v in defaults.items() if k != "num_key_value_heads"}
+    return {**defaults, **drop_nulls(raw)}
 
 
 def get_int(raw: dict[str, Any], name: str, default: Any = _MISSING) -> int:
@@ -63,6 +88,8 @@ def token_ids(value: Any, name: str) -> tuple[int, ...]:
 def parse_rope(raw: dict[str, Any], max_position_embeddings: int) -> RopeConfig:
     """Read ``rope_parameters`` (transformers >= 5) or ``rope_theta`` + ``rope_scaling`` (older)."""
     params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    if isinstance(params, dict):
+        params = {k: v for k, v in params.items() if v is not None}
     if not isinstance(params, dict):
         raise ValueError(f"config field rope_parameters/rope_scaling must be an object, got {params!r}")
     if any(isinstance(v, dict) for v in params.values()):

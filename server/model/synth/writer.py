@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from server.model.families.emo import as_written_by_authors
 from server.model.synth.spec import DTYPES, SYNTH_KEY, SynthSpec, make_spec
 from server.model.synth.stream import INDEX_FILE, plan_shards, write_index, write_shards
 from server.model.synth.vocab import (
@@ -82,7 +83,8 @@ def write_spec(
         "bos_token_id": ids[BOS], "eos_token_id": ids[EOS], "pad_token_id": ids[PAD],
         "do_sample": True, "temperature": 0.8, "top_p": 0.95,
     })
-    _write_json(out_dir / "config.json", config)  # last: its presence marks a complete write
+    # last: its presence marks a complete write
+    _write_json(out_dir / "config.json", as_written_by_authors(config))
     return out_dir
 
 
