@@ -33,6 +33,19 @@ class SlotsExhausted(RuntimeError):
         self.layer, self.needed, self.free, self.capacity = layer, needed, free, capacity
 
 
+class ExpertLoadTimeout(TimeoutError):
+    """A wait for an expert that another thread is loading outlasted the store's timeout (a
+    read hanging on a stalled disk or network filesystem). Raised by ``acquire`` after undoing
+    its pins: the caller fails the work that needed the expert and goes on."""
+
+    def __init__(self, key: ExpertKey, seconds: float) -> None:
+        super().__init__(
+            f"expert {key} was not loaded within {seconds:g} s: the read filling it has not "
+            f"finished (stalled disk or network filesystem?)"
+        )
+        self.key, self.seconds = key, seconds
+
+
 @dataclass(frozen=True)
 class TensorChunk:
     """Where some bytes of one expert part live on disk: ``nbytes`` at ``offset`` of ``path``,

@@ -38,13 +38,17 @@ from expert_cache.metrics import CacheMetrics
 from expert_cache.prefetcher import Prefetcher
 from expert_cache.residency import Residency
 
+DEFAULT_LOAD_TIMEOUT_S = 60.0  # one expert is MBs: a healthy disk delivers it in well under a second
+
 
 class TieredExpertCache(ExpertStore):
     """An ExpertStore over a byte-budgeted device slab, a host-RAM tier and the checkpoint files.
 
     ``host_budget_bytes=0`` disables the host tier (disk reads then go through a staging
     buffer). With ``background_prefetch`` (the default) ``prefetch`` hands its keys to a loader
-    thread and returns at once; otherwise it loads in the calling thread.
+    thread and returns at once; otherwise it loads in the calling thread. ``load_timeout_s``
+    bounds how long ``acquire`` waits for a load another thread runs (ExpertLoadTimeout); None
+    waits forever.
     """
 
     def __init__(
@@ -56,7 +60,10 @@ class TieredExpertCache(ExpertStore):
         host_budget_bytes: int,
         registry: CollectorRegistry | None = None,
         background_prefetch: bool = True,
+        load_timeout_s: float | None = DEFAULT_LOAD_TIMEOUT_S,
     ) -> None:
+        if load_timeout_s is not None and not load_timeout_s > 0:
+            raise ValueError(f"load_timeout_s must be > 0 or None, got {load_timeout_s!r}")
         for name, value in (
             ("device_budget_bytes", device_budget_bytes),
             ("host_budget_bytes", host_budget_bytes),
@@ -83,7 +90,7 @@ class TieredExpertCache(ExpertStore):
             self._device,
             self._metrics,
         )
-        self._residency = Residency(self._device, self._loader, self._cond)
+        self._residency = Residency(self._device, self._loader, self._cond, load_timeout_s)
         self._prefetcher = Prefetcher(self._prefetch_now) if background_prefetch else None
 
     # -- ExpertStore -------------------------------------------------------------------------

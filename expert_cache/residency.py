@@ -5,16 +5,19 @@ copies run outside it, protected by pins and slot states (``SlotState``): a slot
 FILLING, and whoever else wants that key pins it and waits on the condition until it is READY.
 A fill that fails while others hold pins leaves the slot STALE and the next waiter refills it.
 Waiting never holds the lock, and the loader thread never waits for the engine, so there is no
-lock-order deadlock.
+lock-order deadlock. Every wait on another thread's load is bounded by ``wait_timeout_s``: a read
+that hangs ends in ExpertLoadTimeout for the caller, whose pins are undone; the hung load keeps
+its slot FILLING until it returns.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
 
-from expert_cache.base import ExpertKey, SlotsExhausted, TierStats
+from expert_cache.base import ExpertKey, ExpertLoadTimeout, SlotsExhausted, TierStats
 from expert_cache.device_tier import DeviceTier, SlotState
 from expert_cache.loading import ExpertLoader
 
@@ -22,20 +25,23 @@ log = logging.getLogger(__name__)
 
 
 class Residency:
-    def __init__(self, device: DeviceTier, loader: ExpertLoader, cond: threading.Condition) -> None:
+    def __init__(self, device: DeviceTier, loader: ExpertLoader, cond: threading.Condition,
+                 wait_timeout_s: float | None = None) -> None:
         self._device, self._loader, self._cond = device, loader, cond
+        self.wait_timeout_s = wait_timeout_s
         self.counts = TierStats()  # device-tier hits, misses, evictions
 
     def acquire(self, group: int, keys: list[ExpertKey]) -> list[int]:
         """Pin ``keys`` and make sure their slots are filled; slot per key, in order."""
         table = self._device.tables[group]
+        deadline = None if self.wait_timeout_s is None else time.monotonic() + self.wait_timeout_s
         with self._cond:
             self._loader.observe_finished_copies()
-            owned, waits = self._plan_acquire(group, keys)
+            owned, waits = self._plan_acquire(group, keys, deadline)
         pending = set(owned)
         try:
             self._fill(group, owned, pending)
-            self._wait_filled(group, waits, pending)
+            self._wait_filled(group, waits, pending, deadline)
         except BaseException:
             with self._cond:
                 self.release(group, keys)
@@ -57,7 +63,18 @@ class Residency:
             self._device.record_release(group, [table.slot_of(k) for k in dict.fromkeys(keys)])
             self._cond.notify_all()
 
-    def _plan_acquire(self, group: int, keys: list[ExpertKey]) -> tuple[list[ExpertKey], list[ExpertKey]]:
+    def _wait(self, deadline: float | None, key: ExpertKey) -> None:
+        """One wait on the condition (lock held), ExpertLoadTimeout past ``deadline``."""
+        if deadline is None:
+            self._cond.wait()
+            return
+        left = deadline - time.monotonic()
+        if left <= 0 or not self._cond.wait(left) and time.monotonic() >= deadline:
+            assert self.wait_timeout_s is not None
+            raise ExpertLoadTimeout(key, self.wait_timeout_s)
+
+    def _plan_acquire(self, group: int, keys: list[ExpertKey],
+                      deadline: float | None = None) -> tuple[list[ExpertKey], list[ExpertKey]]:
         """Pin every key (under the lock), giving misses slots; returns (keys this call must
         fill, keys another thread is filling). Raises SlotsExhausted before any change."""
         table, states = self._device.tables[group], self._device.states[group]
@@ -70,7 +87,7 @@ class Residency:
             if table.victims_available(exclude=distinct) >= len(misses):
                 break
             assert table.busy > 0, "slot accounting broken: free slots but no victims"
-            self._cond.wait()  # slots held by an in-flight prefetch free up when it finishes
+            self._wait(deadline, keys[0])  # slots held by an in-flight prefetch free up when it finishes
         owned: list[ExpertKey] = []
         waits: list[ExpertKey] = []
         for key in distinct:  # hits first, so that inserting the misses cannot evict them
@@ -104,7 +121,8 @@ class Residency:
                 pending.discard(key)
                 self._cond.notify_all()
 
-    def _wait_filled(self, group: int, keys: list[ExpertKey], pending: set[ExpertKey]) -> None:
+    def _wait_filled(self, group: int, keys: list[ExpertKey], pending: set[ExpertKey],
+                     deadline: float | None = None) -> None:
         """Wait until pinned ``keys`` filled by other threads are READY; refill STALE ones."""
         table, states = self._device.tables[group], self._device.states[group]
         while keys:
@@ -119,7 +137,7 @@ class Residency:
                 if not claimed:
                     keys = [k for k in keys if states[table.slot_of(k)] is not SlotState.READY]
                     if keys:
-                        self._cond.wait()
+                        self._wait(deadline, keys[0])
                     continue
             self._fill(group, claimed, pending)
 

@@ -89,6 +89,7 @@ class ServeConfig:
     max_stop: int = 8
     max_stop_len: int = 256
     drain_timeout: float = 30.0
+    expert_load_timeout: float = 60.0
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -111,6 +112,8 @@ class ServeConfig:
             raise ConfigError("max_model_len", f"{self.max_model_len} must be >= 2")
         if self.drain_timeout < 0:
             raise ConfigError("drain_timeout", f"{self.drain_timeout} must be >= 0")
+        if not self.expert_load_timeout > 0:
+            raise ConfigError("expert_load_timeout", f"{self.expert_load_timeout} must be > 0")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError("log_level", f"{self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
         if self.api_key is not None and not self.api_key:
@@ -154,6 +157,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_stop", _int, "N", "most stop strings per request (default 8)"),
     Option("max_stop_len", _int, "CHARS", "longest stop string (default 256)"),
     Option("drain_timeout", _float, "SECONDS", "grace for running requests on SIGTERM (default 30)"),
+    Option("expert_load_timeout", _float, "SECONDS",
+           "longest wait for an expert being read before its requests fail (default 60)"),
     Option("log_level", str, "|".join(LOG_LEVELS), "log level (default info)"),
 )
 

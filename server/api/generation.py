@@ -182,7 +182,10 @@ def finish_reason(out: RequestOutput, state: ServingState) -> FinishReason:
         raise APIError(503, "Request was cut short: the server is shutting down",
                        code="server_shutting_down")
     logger.error("engine request %s failed: %s", out.request_id, out.error)
-    raise APIError(500, f"Generation failed (request {out.request_id}); see the server log",
+    if out.error is not None and out.error.startswith("ExpertLoadTimeout"):  # the disk, not us
+        raise APIError(503, f"Generation failed (request {out.request_id}): {out.error}",
+                       code="expert_load_timeout", headers={"Retry-After": "5"})
+    raise APIError(500, f"Generation failed (request {out.request_id}): {out.error}",
                    code="generation_failed")
 
 

@@ -1,8 +1,9 @@
 """The small routes: models, probes, metrics, version, tokenizer, expert-cache snapshot.
 
 ``protected`` routes sit behind the API key like /v1 generation; ``probes`` stay open so load
-balancers and Prometheus need no secret. /health says the process answers; /ready says the
-model is loaded and the engine thread runs (and the server is not draining).
+balancers and Prometheus need no secret. /health says the process can serve: 503 once the engine
+has died (the process then exits non-zero by itself, see cli/serve.py); /ready says the model is
+loaded and the engine thread runs (and the server is not draining).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from server.api.errors import APIError
 from server.api.generation import check_token_ids, encode
 from server.api.protocol import DetokenizeRequest, TokenizeRequest
 from server.api.responses import (
@@ -75,7 +77,11 @@ async def detokenize(request: Request) -> DetokenizeResponse:
 
 
 @probes.get("/health")
-async def health() -> dict[str, str]:
+async def health(request: Request) -> dict[str, str]:
+    engine = serving(request).engine
+    if engine.dead:  # liveness: this process can never serve again, restart it
+        raise APIError(503, f"The engine has stopped: {engine.death_reason or 'its thread is gone'}",
+                       code="engine_dead")
     return {"status": "ok"}
 
 

@@ -4,7 +4,9 @@ Every flag is also an EMO_SERVE_* variable (flags win); see server/api/config.py
 Start-up: settings validated -> device memory plan logged and checked -> model loaded with the
 tiered expert cache -> engine -> uvicorn. SIGTERM / SIGINT drain: readiness goes 503, no new
 generation is admitted, running requests get ``--drain-timeout`` seconds to finish (the engine
-cuts the rest), then the process exits 0.
+cuts the rest), then the process exits 0. If the engine dies (an internal error, or a CUDA
+error that poisons the device), every request is answered with an error, /health turns 503 and
+the server shuts down and exits 1, so that Docker's restart policy or the kubelet restarts it.
 """
 
 from __future__ import annotations
@@ -68,7 +70,8 @@ def build_app(config: ServeConfig) -> FastAPI:
     registry = CollectorRegistry()
     loaded = load_model(model_dir, device=device, dtype=dtype, expert_store_factory=lambda catalog: (
         TieredExpertCache(catalog, device=device, device_budget_bytes=plan.expert_slot_bytes,
-                          host_budget_bytes=plan.host_cache_bytes, registry=registry)))
+                          host_budget_bytes=plan.host_cache_bytes, registry=registry,
+                          load_timeout_s=config.expert_load_timeout)))
     store = loaded.model.expert_store
     if isinstance(store, TieredExpertCache):
         # pin the host tier now: pinning GiB-sized blocks lazily would stall the first
@@ -94,6 +97,15 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.app, self.drain_timeout = app, drain_timeout
         self._draining = False
+        self.engine_died = False
+        app.state.serving.engine.on_death(self._on_engine_death)
+
+    def _on_engine_death(self, reason: str) -> None:
+        """Engine thread: nothing can be served any more; stop so the supervisor restarts us."""
+        log.critical("the engine died (%s): shutting down to be restarted", reason)
+        self.engine_died = True
+        self.app.state.serving.draining = True
+        self.should_exit = True  # uvicorn's main loop polls it
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if not self._draining:
@@ -140,4 +152,4 @@ def run(args: argparse.Namespace) -> int:
     server = DrainingServer(uv_config, app, config.drain_timeout)
     with _signals_end_quietly():
         server.run()
-    return 0 if server.started else 1
+    return 0 if server.started and not server.engine_died else 1

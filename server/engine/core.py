@@ -19,6 +19,7 @@ import torch
 
 from expert_cache.base import SlotsExhausted
 from server.engine.detokenizer import Detokenizer, TokenTexts
+from server.engine.faults import is_fatal
 from server.engine.kv_slots import KVSlotAllocator
 from server.engine.metrics import EngineMetrics
 from server.engine.model_runner import ModelRunner
@@ -206,6 +207,8 @@ class EngineCore:
         return [None if r is None else self._token_logprob(r) for r in raw]
 
     def _step_failed(self, seqs: list[Sequence], error: BaseException) -> None:
+        if is_fatal(error):  # a poisoned device: the engine thread stops and fails everyone
+            raise error
         self.metrics.step_errors.inc()
         log.exception("engine step failed for %s", [s.request_id for s in seqs], exc_info=error)
         if self.runner.device.type == "cuda" and isinstance(error, torch.cuda.OutOfMemoryError):
@@ -220,20 +223,29 @@ class EngineCore:
     def _finish(self, seq: Sequence, reason: FinishReason, text: str, tokens: list[int],
                 lps: list[TokenLogprob] | None = None, prompt_lp: list[RawLogprob | None] | None = None,
                 stop_reason: str | int | None = None, error: str | None = None) -> None:
-        """End a request: free its KV slot and expert pins, count it, emit its last output."""
+        """End a request: free its KV slot and expert pins, count it, emit its last output.
+
+        Each release step runs even if the one before raised, and the last output is sent
+        whatever happens, so a consumer never waits forever; a fatal error is re-raised after."""
         if seq.status is SeqStatus.FINISHED:
             return
-        self.scheduler.finish(seq)
-        self.by_id.pop(seq.request_id, None)
-        try:
-            self.runner.release(seq)
-        finally:
-            self.on_finished(seq.request_id)
-        now = time.monotonic()
-        seq.times.finished = now
-        self.metrics.request_success.labels(finish_reason=reason).inc()
-        self.metrics.e2e.observe(max(0.0, now - seq.times.arrival))
-        self.update_gauges()  # before the output: whoever sees it finished sees the gauges too
+
+        def count_finished(seq: Sequence) -> None:
+            seq.times.finished = now = time.monotonic()
+            self.metrics.request_success.labels(finish_reason=reason).inc()
+            self.metrics.e2e.observe(max(0.0, now - seq.times.arrival))
+            self.update_gauges()  # before the output: whoever sees it finished sees the gauges too
+
+        failure: BaseException | None = None
+        for release in (self.scheduler.finish, self.runner.release, self._forget_seq, count_finished):
+            try:
+                release(seq)
+            except Exception as e:  # noqa: BLE001 - logged; the output below must still go out
+                log.exception("finishing request %s: %s raised", seq.request_id, release.__name__)
+                failure = failure or e
+        seq.status = SeqStatus.FINISHED
+        if seq.times.finished is None:
+            seq.times.finished = time.monotonic()
         usage = Usage(len(seq.prompt_ids), len(seq.output_ids), seq.experts.hits, seq.experts.misses,
                       seq.experts.bytes_loaded)
         pool: ExpertPoolReport | None = None
@@ -244,7 +256,36 @@ class EngineCore:
             request_id=seq.request_id, new_token_ids=tokens, new_text=text, finished=True,
             finish_reason=reason, logprobs=lps, prompt_logprobs=self._prompt_entries(seq, prompt_lp),
             error=error, usage=usage, expert_pool=pool, stop_reason=stop_reason,
-            arrival_time=seq.times.arrival, first_token_time=seq.times.first_token, finished_time=now))
+            arrival_time=seq.times.arrival, first_token_time=seq.times.first_token,
+            finished_time=seq.times.finished))
+        if failure is not None and is_fatal(failure):
+            raise failure
+
+    def _forget_seq(self, seq: Sequence) -> None:
+        self.by_id.pop(seq.request_id, None)
+        self.on_finished(seq.request_id)
+
+    def reject(self, req: GenerationRequest, on_output: Callable[[RequestOutput], None],
+               error: BaseException) -> None:
+        """Answer a request that failed before it became a sequence (intake): with an error
+        output, nothing else touched. Fatal errors are re-raised after answering."""
+        log.error("admitting request %s failed: %s: %s", req.request_id, type(error).__name__, error,
+                  exc_info=error)
+        self.by_id.pop(req.request_id, None)
+        self.scheduler.waiting[:] = [s for s in self.scheduler.waiting if s.request_id != req.request_id]
+        self.metrics.request_success.labels(finish_reason="error").inc()
+        try:
+            on_output(RequestOutput(
+                request_id=req.request_id, new_token_ids=[], new_text="", finished=True,
+                finish_reason="error", error=f"{type(error).__name__}: {error}",
+                usage=Usage(len(req.prompt_token_ids), 0), arrival_time=req.arrival_time,
+                finished_time=time.monotonic()))
+        except Exception:  # noqa: BLE001 - a broken consumer has nothing more to lose
+            log.exception("on_output of request %s raised", req.request_id)
+        finally:
+            self.on_finished(req.request_id)
+        if is_fatal(error):
+            raise error
 
     def _emit(self, seq: Sequence, out: RequestOutput) -> None:
         try:

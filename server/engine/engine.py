@@ -3,6 +3,12 @@
 Other threads only talk to it through ``submit`` / ``cancel`` / ``shutdown`` (thread-safe
 hand-offs under one condition variable) and read a few counters. Outputs come back through
 each request's ``on_output`` callback, called on the engine thread: it must not block.
+
+Death: an exception that escapes a step (a bug in the engine itself) or a fatal device error
+(faults.py) stops the thread. It then, under the lock ``submit`` takes, marks the engine dead,
+answers everything queued or running with an error, and calls the ``on_death`` listeners (the
+server exits non-zero on it so that its supervisor restarts it). Whatever is still in the inbox
+when the thread stops for any reason is answered too: no request is ever left waiting.
 """
 
 from __future__ import annotations
@@ -79,6 +85,8 @@ class Engine:
         self._accepting, self._stopping, self._dead = True, False, False
         self._deadline = 0.0
         self._thread: threading.Thread | None = None
+        self.death_reason: str | None = None
+        self._death_listeners: list[Callable[[str], None]] = []
 
     def _resolve_default_pool(self) -> PoolSpec:
         pool = self.config.default_pool
@@ -109,6 +117,17 @@ class Engine:
     def ready(self) -> bool:
         thread = self._thread
         return thread is not None and thread.is_alive() and not self._dead and not self._stopping
+
+    @property
+    def dead(self) -> bool:
+        """The engine thread stopped without being asked to (after an internal or device error),
+        or is gone: this process can never serve again."""
+        thread = self._thread
+        return self._dead or (thread is not None and not thread.is_alive() and not self._stopping)
+
+    def on_death(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(reason)`` once, on the engine thread, if the engine dies."""
+        self._death_listeners.append(listener)
 
     @property
     def num_running(self) -> int:
@@ -214,8 +233,21 @@ class Engine:
             inbox, self._inbox = self._inbox, deque()
             cancels, self._cancels = self._cancels, set()
         for req, on_output, pool in inbox:
-            self._core.add(req, on_output, pool)
+            try:
+                self._core.add(req, on_output, pool)
+            except Exception as e:  # noqa: BLE001 - this request alone (reject re-raises fatal ones)
+                self._core.reject(req, on_output, e)
         return cancels
+
+    def _answer_inbox(self, message: str) -> None:
+        """Answer whatever is still queued here with an error (the thread is stopping)."""
+        with self._cond:
+            inbox, self._inbox = self._inbox, deque()
+        for req, on_output, _ in inbox:
+            try:
+                self._core.reject(req, on_output, EngineShutdown(message))
+            except Exception:  # noqa: BLE001 - answering the others matters more
+                log.exception("answering queued request %s failed", req.request_id)
 
     def _run(self) -> None:
         core = self._core
@@ -230,13 +262,30 @@ class Engine:
                 if stopping and (not core.has_work or time.monotonic() >= deadline):
                     core.abort_all("abort")
                     core.update_gauges()
+                    self._answer_inbox("the engine stopped before this request was admitted")
                     return
                 if not core.step():
                     core.update_gauges()
-        except BaseException as e:  # noqa: BLE001 - report, fail everything, stay not-ready
-            log.exception("engine thread died")
-            self._dead = True
+        except BaseException as e:  # noqa: BLE001 - report, fail everything, stay dead
+            self._die(e)
+
+    def _die(self, error: BaseException) -> None:
+        reason = f"{type(error).__name__}: {error}"
+        log.critical("engine thread died: %s", reason, exc_info=error)
+        with self._cond:  # the lock submit takes: nothing is queued after this point
+            self._dead, self._accepting = True, False
+            self.death_reason = reason
+        message = f"engine stopped: {reason}"
+        try:
+            self._core.abort_all("error", error=message)
+        except BaseException:  # noqa: BLE001 - a fatal error in a release: the rest still go
+            log.exception("failing the requests of a dead engine raised")
+            for seq in list(self._core.by_id.values()):
+                self._core.by_id.pop(seq.request_id, None)
+                self._core.reject(seq.request, seq.on_output, RuntimeError(message))
+        self._answer_inbox(message)
+        for listener in self._death_listeners:
             try:
-                core.abort_all("error", error=f"engine stopped: {type(e).__name__}: {e}")
+                listener(reason)
             except Exception:  # noqa: BLE001
-                log.exception("failing the requests of a dead engine raised")
+                log.exception("engine death listener raised")

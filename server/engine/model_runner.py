@@ -56,8 +56,8 @@ class ModelRunner:
         out = self.model.prefill(ids, self.kv, seq.slot, pool_size=seq.pool_size,
                                  pin_pool=seq.is_pool,
                                  all_logits=seq.request.sampling.prompt_logprobs is not None)
+        seq.pinned = list(out.pinned) if seq.is_pool else []  # first: release() must find them
         after = _traffic(self.store.stats())
-        seq.pinned = list(out.pinned) if seq.is_pool else []
         seq.experts.hits += after[0] - before[0]
         seq.experts.misses += after[1] - before[1]
         seq.experts.bytes_loaded += after[2] - before[2]
