@@ -92,7 +92,12 @@ class EngineCore:
         """Run one step; False when there was nothing to run."""
         for seq in [s for s in self.by_id.values() if s.cancelled]:
             self._finish(seq, "abort", "", [])
-        step = self.scheduler.schedule()
+        try:
+            step = self.scheduler.schedule()
+        except Exception as e:  # noqa: BLE001 - admission: fail the request(s) it raised for
+            if is_fatal(e) or not self._fail_inadmissible(e):
+                raise
+            return True
         if step is None:
             if self.scheduler.waiting and not self.scheduler.running:
                 head = self.scheduler.waiting[0]
@@ -106,6 +111,22 @@ class EngineCore:
             self._prefill(step.seq)
         self.update_gauges()
         return True
+
+    def _fail_inadmissible(self, error: Exception) -> bool:
+        """After ``schedule`` raised: fail the waiting requests whose admission check raises
+        (their own state is at fault, e.g. an unusable pool prediction). False when none
+        does: then the scheduler itself is broken and the engine must stop."""
+        culprits = []
+        for seq in list(self.scheduler.waiting):
+            try:
+                self.scheduler.admissible(seq)
+                if seq.predicted_keys:
+                    self.budget.residency(seq.predicted_keys)
+            except Exception:  # noqa: BLE001 - this one is what raised
+                culprits.append(seq)
+        if culprits:
+            self._step_failed(culprits, error)
+        return bool(culprits)
 
     def _prefill(self, seq: Sequence) -> None:
         now = time.monotonic()

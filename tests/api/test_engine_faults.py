@@ -94,6 +94,26 @@ def test_exception_while_admitting_fails_that_request_alone(server: LiveServer,
     assert complete(server, GOOD).status_code == 200
 
 
+def test_exception_in_the_admission_check_fails_that_request_alone(server: LiveServer,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    budget = server.engine._core.budget
+    real = budget.can_admit_pool
+
+    def can_admit_pool(pool_size: int, *args: Any) -> bool:
+        if pool_size == 5:
+            raise RuntimeError("injected failure checking the pool budget")
+        return bool(real(pool_size, *args))
+
+    monkeypatch.setattr(budget, "can_admit_pool", can_admit_pool)
+    good_thread, good = in_thread(lambda: complete(server, GOOD, max_tokens=12, expert_pool=4))
+    bad = complete(server, POISON, expert_pool=5)
+    good_thread.join(60)
+    assert bad.status_code == 500 and "injected failure checking" in bad.json()["error"]["message"]
+    assert good[0].status_code == 200
+    assert probes(server) == (200, 200)
+    assert_nothing_leaked(server)
+
+
 def test_last_output_is_sent_even_if_releasing_raises(server: LiveServer,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     core = server.engine._core

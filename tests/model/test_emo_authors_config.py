@@ -88,7 +88,6 @@ def test_small_mixed_resolves_structure_as_the_authors_model() -> None:
 
 # ---- null means absent, in every family ---------------------------------------------------
 
-transformers = pytest.importorskip("transformers")
 SMALL_SHAPE: dict[str, Any] = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, max_position_embeddings=128)
 FAMILY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -120,8 +119,9 @@ def saved_config(family: str) -> dict[str, Any]:
     """config.json as written by the family's own writer (the authors' EmoConfig for EMO)."""
     if family == "emo":
         return json.loads((FIXTURES / "small_mixed" / "config.json").read_text())
+    transformers = pytest.importorskip("transformers")
     name, extra = FAMILY_CONFIGS[family]
-    return getattr(transformers, name)(**SMALL_SHAPE, **extra).to_dict()
+    return dict(getattr(transformers, name)(**SMALL_SHAPE, **extra).to_dict())
 
 
 def parse(family: str, raw: dict[str, Any]) -> ModelConfig | str:
