@@ -288,9 +288,9 @@ class EngineCore:
 
     def reject(self, req: GenerationRequest, on_output: Callable[[RequestOutput], None],
                error: BaseException) -> None:
-        """Answer a request that failed before it became a sequence (intake): with an error
-        output, nothing else touched. Fatal errors are re-raised after answering."""
-        log.error("admitting request %s failed: %s: %s", req.request_id, type(error).__name__, error,
+        """Answer a request that failed before it became a sequence (intake), or that a dying
+        engine cannot finish: with an error output. Never raises."""
+        log.error("request %s failed before running: %s: %s", req.request_id, type(error).__name__, error,
                   exc_info=error)
         self.by_id.pop(req.request_id, None)
         self.scheduler.waiting[:] = [s for s in self.scheduler.waiting if s.request_id != req.request_id]
@@ -305,8 +305,6 @@ class EngineCore:
             log.exception("on_output of request %s raised", req.request_id)
         finally:
             self.on_finished(req.request_id)
-        if is_fatal(error):
-            raise error
 
     def _emit(self, seq: Sequence, out: RequestOutput) -> None:
         try:

@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 
 from server.engine.config import MAX_MODEL_LEN_CAP, EngineConfig, resolve_device, resolve_dtype
 from server.engine.core import EngineCore
+from server.engine.faults import is_fatal
 from server.engine.metrics import EngineMetrics
 from server.engine.model_runner import ModelRunner, model_device_dtype
 from server.engine.request import (
@@ -235,8 +236,10 @@ class Engine:
         for req, on_output, pool in inbox:
             try:
                 self._core.add(req, on_output, pool)
-            except Exception as e:  # noqa: BLE001 - this request alone (reject re-raises fatal ones)
+            except Exception as e:  # noqa: BLE001 - this request alone, unless the device is gone
                 self._core.reject(req, on_output, e)
+                if is_fatal(e):
+                    raise
         return cancels
 
     def _answer_inbox(self, message: str) -> None:

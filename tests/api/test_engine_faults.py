@@ -94,6 +94,17 @@ def test_exception_while_admitting_fails_that_request_alone(server: LiveServer,
     assert complete(server, GOOD).status_code == 200
 
 
+def test_device_error_while_admitting_is_fatal(server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    def detokenizer(*args: Any, **kw: Any) -> Any:
+        raise RuntimeError(ILLEGAL_ADDRESS)  # e.g. from the penalty tensors made on the device
+
+    monkeypatch.setattr(engine_core, "Detokenizer", detokenizer)
+    response = complete(server, POISON)
+    assert response.status_code == 500 and ILLEGAL_ADDRESS in response.json()["error"]["message"]
+    wait_for(lambda: server.engine.dead, what="the engine to be dead")
+    assert probes(server) == (503, 503)
+
+
 def test_exception_in_the_admission_check_fails_that_request_alone(server: LiveServer,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     budget = server.engine._core.budget

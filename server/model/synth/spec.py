@@ -129,7 +129,8 @@ class SynthSpec:
 
     def shared(self, layer: int) -> int:
         per = self.config.get("num_shared_experts_per_layer")
-        if per is not None:
+        # read only alongside num_experts_per_layer, as the authors' EmoModel does
+        if per is not None and self.config.get("num_experts_per_layer") is not None:
             return int(per[layer])
         return int(self.config.get("num_shared_experts", 0)) if self.experts_per_layer[layer] else 0
 
