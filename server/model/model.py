@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -13,9 +13,10 @@ from server.model.attention import Attention, decode_mask
 from server.model.config import ModelConfig
 from server.model.kv_cache import KVCache
 from server.model.layers import RMSNorm, SwiGLU, frozen
-from server.model.moe import MoEBlock
+from server.model.moe import ExpertPlan, MoEBlock
 from server.model.pool import pool_mask, pool_scores, select_pool
 from server.model.rope import RotaryEmbedding
+from server.model.routing import Routes, route
 from server.model.weights import build_layer_modules
 
 
@@ -24,6 +25,48 @@ class PrefillOutput:
     logits: torch.Tensor  # float32 [T, V] (all_logits) or [1, V]
     pools: list[torch.Tensor | None] | None  # per layer sorted pool ids; None: dense / full routing
     pinned: list[ExpertKey]  # pin_pool=True: pins the caller owns and must release
+
+
+@dataclass(eq=False)
+class PrefillState:
+    """A prompt part-way through the layers (see ``MoETransformer.prefill_start``)."""
+
+    kv: KVCache
+    slot: int
+    pool_size: int | None
+    all_logits: bool
+    cos: torch.Tensor
+    sin: torch.Tensor
+    x: torch.Tensor  # [T, H] input of ``layer`` (after the last layer: the final hidden states)
+    pools: list[torch.Tensor | None] | None  # one entry per layer attended so far
+    layer: int = 0  # the layer being computed
+    num_layers: int = 0  # of the model
+    h: torch.Tensor | None = None  # [T, H] the layer's residual after attention (once attended)
+    normed: torch.Tensor | None = None  # [T, H] its MLP input
+    router: torch.Tensor | None = None  # [T, E] its router logits (MoE layers)
+    allowed: torch.Tensor | None = None  # [1, E] its pool (pool requests at MoE layers)
+    routes: Routes | None = None  # the layer's routing of every token (MoE layers)
+    plan: ExpertPlan | None = None  # its picks grouped by expert
+    acc: torch.Tensor | None = None  # float32 [T, H] the routed sum so far
+    experts_done: int = 0  # experts of ``plan`` already added to ``acc``
+    next_predicted: list[ExpertKey] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def attended(self) -> bool:
+        return self.h is not None
+
+    @property
+    def done(self) -> bool:
+        return self.layer >= self.num_layers
+
+    def finish_layer(self, out: torch.Tensor) -> None:
+        self.x, self.layer, self.experts_done = out, self.layer + 1, 0
+        self.h = self.normed = self.router = self.allowed = self.acc = None
+        self.routes, self.plan = None, None
 
 
 class DecoderLayer(nn.Module):
@@ -76,6 +119,39 @@ class MoETransformer(nn.Module):
         pin_pool: bool = False,
         all_logits: bool = False,
     ) -> PrefillOutput:
+        """The whole prompt in one call: the layer-range API below run layer after layer, with
+        each layer's pool acquired here (blocking on its loads)."""
+        state = self.prefill_start(input_ids, kv, slot, pool_size=pool_size, all_logits=all_logits)
+        pinned: list[ExpertKey] = []
+        try:
+            while not state.done:
+                pool_keys = self.prefill_attend(state)
+                if pool_keys and pin_pool:
+                    self.expert_store.acquire(pool_keys)
+                    pinned.extend(pool_keys)
+                if state.next_predicted:
+                    self.expert_store.prefetch(state.next_predicted)
+                while state.attended:
+                    self.prefill_mlp(state, state.num_tokens * self.config.max_experts)
+            logits = self.prefill_logits(state)
+        except BaseException:
+            if pinned:
+                self.expert_store.release(pinned)
+            raise
+        return PrefillOutput(logits, state.pools, pinned)
+
+    # ---- the layer-range prefill ------------------------------------------------------------
+    # A prompt advances one layer at a time in two phases: ``prefill_attend`` (attention over
+    # the whole prompt, the router, and for pool requests the layer's pool: it needs every
+    # token's router output) and ``prefill_mlp`` (the MLP / MoE, in token chunks: once the
+    # pool is fixed each token's routing is its own). Between calls the caller may run other
+    # work and make the layer's pool resident. Run end to end it is exactly ``prefill``.
+
+    @torch.inference_mode()
+    def prefill_start(
+        self, input_ids: torch.Tensor, kv: KVCache, slot: int, *, pool_size: int | None,
+        all_logits: bool = False,
+    ) -> PrefillState:
         T = int(input_ids.shape[0])
         if input_ids.dim() != 1 or T == 0:
             raise ValueError(f"prefill needs a non-empty 1-D input_ids, got shape {tuple(input_ids.shape)}")
@@ -85,47 +161,91 @@ class MoETransformer(nn.Module):
         positions = torch.arange(T, device=self.device)
         cos, sin = self.rope(positions, torch.full_like(positions, T), self.dtype)
         x = F.embedding(input_ids.to(self.device), self.embed)  # [T, H]
-        pools: list[torch.Tensor | None] | None = None if pool_size is None else []
-        pinned: list[ExpertKey] = []
-        try:
-            for index, layer in enumerate(self.decoder_layers):
-                h = x + layer.attn.prefill(layer.attn_norm(x), cos, sin, kv, slot)
-                normed = layer.mlp_norm(h)
-                mlp = layer.mlp
-                if not isinstance(mlp, MoEBlock):
-                    x = h + mlp(normed)
-                    if pools is not None:
-                        pools.append(None)
-                    continue
-                logits = mlp.router_logits(normed)  # [T, E]
-                allowed = None
-                if pools is not None and pool_size is not None:
-                    pool = select_pool(pool_scores(logits, mlp.spec), mlp.spec, pool_size)
-                    pools.append(pool)
-                    if pin_pool:
-                        keys = [(index, e) for e in pool.tolist()]
-                        self.expert_store.acquire(keys)
-                        pinned.extend(keys)
-                    allowed = pool_mask(pool, mlp.spec, mlp.spec.num_experts)[None, :]
-                    self._prefetch_next(index, h, pool_size)
-                x = h + mlp(normed, logits, allowed)
-            logits_out = self._logits(x if all_logits else x[-1:])
-        except BaseException:
-            if pinned:
-                self.expert_store.release(pinned)
-            raise
-        return PrefillOutput(logits_out, pools, pinned)
+        return PrefillState(kv, slot, pool_size, all_logits, cos, sin, x,
+                            pools=None if pool_size is None else [], num_layers=self.config.num_layers)
 
-    def _prefetch_next(self, index: int, h: torch.Tensor, pool_size: int) -> None:
-        """Hint the store with the next MoE layer's likely pool: its router on this layer's
-        hidden states (the true pool needs this layer's output, which is not computed yet)."""
+    @torch.inference_mode()
+    def prefill_attend(self, state: PrefillState) -> list[ExpertKey]:
+        """Attention of ``state.layer`` over the whole prompt and its router; returns the keys of
+        the layer's pool (pool requests at MoE layers; else []), which must be resident before
+        ``prefill_mlp`` runs the layer. Sets ``state.next_predicted``: the next MoE layer's pool
+        as predicted from this layer's hidden states, for the caller to prefetch."""
+        if state.done or state.attended:
+            raise RuntimeError(f"prefill_attend: layer {state.layer} is done or already attended")
+        index, x = state.layer, state.x
+        layer = self.decoder_layers[index]
+        h = x + layer.attn.prefill(layer.attn_norm(x), state.cos, state.sin, state.kv, state.slot)
+        state.h, state.normed = h, layer.mlp_norm(h)
+        state.next_predicted = []
+        mlp = layer.mlp
+        if not isinstance(mlp, MoEBlock):
+            if state.pools is not None:
+                state.pools.append(None)
+            return []
+        state.router = mlp.router_logits(state.normed)  # [T, E]
+        if state.pools is None or state.pool_size is None:
+            return []
+        pool = select_pool(pool_scores(state.router, mlp.spec), mlp.spec, state.pool_size)
+        state.pools.append(pool)
+        state.allowed = pool_mask(pool, mlp.spec, mlp.spec.num_experts)[None, :]
+        state.next_predicted = self._predict_next(index, h, state.pool_size)
+        return [(index, e) for e in pool.tolist()]
+
+    @torch.inference_mode()
+    def prefill_mlp(self, state: PrefillState, max_rows: int) -> int:
+        """Run more of the attended layer's MLP: routed experts in expert order until about
+        ``max_rows`` token rows are computed (at least one expert; a dense layer or the fixed
+        and shared experts count T rows and run whole). Moves to the next layer when the layer
+        is complete. Returns the rows computed.
+
+        The split is by experts, not by tokens: a token chunk changes the shapes of the matrix
+        products and so the last bits of the result, an expert group does not (each expert
+        sees the rows it sees in one call, sums run in expert order), so any split gives
+        exactly ``prefill``'s numbers."""
+        h, normed = state.h, state.normed
+        if h is None or normed is None:
+            raise RuntimeError(f"prefill_mlp: layer {state.layer} has not been attended")
+        mlp, T = self.decoder_layers[state.layer].mlp, state.num_tokens
+        if not isinstance(mlp, MoEBlock):
+            state.finish_layer(h + mlp(normed))
+            return T
+        if state.plan is None or state.routes is None or state.acc is None:
+            state.routes = route(state.router if state.router is not None else mlp.router_logits(normed),
+                                 mlp.spec, state.allowed)
+            state.plan = mlp.plan(state.routes)
+            state.acc = torch.zeros(T, normed.shape[1], dtype=torch.float32, device=normed.device)
+        plan, first = state.plan, state.experts_done
+        n = len(plan.expert_ids)
+        stop = first + 1
+        while stop < n and plan.rows(first, stop + 1) <= max_rows:
+            stop += 1
+        stop = min(stop, n)
+        if first < stop:
+            mlp.run_experts(normed, plan, state.acc, first, stop)
+        state.experts_done = stop
+        rows = plan.rows(first, stop) if first < stop else 0
+        if stop == n:
+            state.finish_layer(h + mlp.finish(normed, state.routes, state.acc))
+            rows += T
+        return rows
+
+    @torch.inference_mode()
+    def prefill_logits(self, state: PrefillState) -> torch.Tensor:
+        """float32 logits [T, V] (all_logits) or [1, V] of a finished prefill."""
+        if not state.done:
+            raise RuntimeError(f"prefill_logits: layer {state.layer} of {self.config.num_layers} is next")
+        return self._logits(state.x if state.all_logits else state.x[-1:])
+
+    def _predict_next(self, index: int, h: torch.Tensor, pool_size: int) -> list[ExpertKey]:
+        """The next MoE layer's likely pool: its router on this layer's hidden states (the true
+        pool needs this layer's output, which is not computed yet)."""
         for nxt in range(index + 1, len(self.decoder_layers)):
             layer = self.decoder_layers[nxt]
             if isinstance(layer.mlp, MoEBlock):
                 logits = layer.mlp.router_logits(layer.mlp_norm(h))
                 predicted = select_pool(pool_scores(logits, layer.mlp.spec), layer.mlp.spec, pool_size)
-                self.expert_store.prefetch([(nxt, e) for e in predicted.tolist()])
-                return
+                return [(nxt, e) for e in predicted.tolist()]
+        return []
 
     @torch.inference_mode()
     def decode(

@@ -9,6 +9,7 @@ group is released as soon as it has been computed.
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,22 @@ from expert_cache.base import ExpertStore, SlotsExhausted
 from server.model.config import ModelConfig
 from server.model.layers import SwiGLU, expert_forward, frozen
 from server.model.routing import LayerRouting, Routes, route
+
+
+@dataclass
+class ExpertPlan:
+    """The picks of one routed step grouped by expert: expert ``expert_ids[j]`` serves sorted
+    picks ``starts[j]:starts[j+1]``, i.e. tokens ``token_of[...]`` with weights ``weight_of[...]``."""
+
+    num_tokens: int
+    expert_ids: list[int]
+    starts: list[int]
+    token_of: torch.Tensor  # [T*k]
+    weight_of: torch.Tensor  # [T*k]
+
+    def rows(self, first: int, stop: int) -> int:
+        """Token rows experts ``first:stop`` compute."""
+        return self.starts[stop] - self.starts[first]
 
 
 class MoEBlock(nn.Module):
@@ -53,7 +70,10 @@ class MoEBlock(nn.Module):
         if logits is None:
             logits = self.router_logits(x)
         routes = route(logits, self.spec, allowed)
-        out = self.routed(x, routes)  # float32 [T, H]
+        return self.finish(x, routes, self.routed(x, routes))
+
+    def finish(self, x: torch.Tensor, routes: Routes, out: torch.Tensor) -> torch.Tensor:
+        """Add the fixed and shared experts to ``out`` (float32 [T, H], the routed sum)."""
         for f in range(self.fixed_gate_up.shape[0]):
             y = expert_forward(x, self.fixed_gate_up[f], self.fixed_down[f])
             out += y.float() * routes.fixed_weights[:, f, None]
@@ -65,22 +85,33 @@ class MoEBlock(nn.Module):
 
     def routed(self, x: torch.Tensor, routes: Routes) -> torch.Tensor:
         """Sum over each token's chosen routable experts, looping only over distinct experts."""
+        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+        plan = self.plan(routes)
+        self.run_experts(x, plan, out, 0, len(plan.expert_ids))
+        return out
+
+    def plan(self, routes: Routes) -> ExpertPlan:
+        """Group the T*k picks of ``routes`` by expert (the one device->host sync of a layer step)."""
         T, k = routes.ids.shape
-        out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
         flat = routes.ids.reshape(-1)
         order = torch.argsort(flat, stable=True)  # group the T*k picks by expert
         experts, counts = torch.unique_consecutive(flat[order], return_counts=True)
-        token_of = order // k  # [T*k] token of each sorted pick
-        weight_of = routes.weights.reshape(-1)[order]  # [T*k]
-        host = torch.cat([experts, counts]).tolist()  # the one device->host sync of a layer step
+        host = torch.cat([experts, counts]).tolist()
         n_experts = len(host) // 2
-        expert_ids = host[:n_experts]
-        starts = list(itertools.accumulate(host[n_experts:], initial=0))
+        return ExpertPlan(T, host[:n_experts], list(itertools.accumulate(host[n_experts:], initial=0)),
+                          order // k, routes.weights.reshape(-1)[order])
+
+    def run_experts(self, x: torch.Tensor, plan: ExpertPlan, out: torch.Tensor, first: int, stop: int) -> None:
+        """Add experts ``plan.expert_ids[first:stop]`` to ``out`` (float32 [T, H]). Any split of
+        the experts into calls gives the same sums: each expert sees the same rows, and every
+        token's contributions are added in expert order."""
+        T, expert_ids, starts = plan.num_tokens, plan.expert_ids, plan.starts
+        token_of, weight_of = plan.token_of, plan.weight_of
         slab = self.store.slab(self.layer)
         gate_up, down = slab["gate_up"], slab["down"]  # [slots, 2I, H], [slots, H, I]
-        i = 0
-        while i < len(expert_ids):
-            keys, slots = self._acquire_group(expert_ids[i:])
+        i = first
+        while i < stop:
+            keys, slots = self._acquire_group(expert_ids[i:stop])
             n = len(keys)
             try:
                 for j, slot in enumerate(slots):
@@ -95,7 +126,6 @@ class MoEBlock(nn.Module):
             finally:
                 self.store.release(keys)
             i += n
-        return out
 
     def _acquire_group(self, expert_ids: list[int]) -> tuple[list[tuple[int, int]], list[int]]:
         """Pin as many of ``expert_ids`` (in order) as fit: all of them when they fit (pinned
