@@ -206,3 +206,8 @@ class ExpertStore(ABC):
     @abstractmethod
     def snapshot(self) -> ResidencySnapshot:
         """Which experts are where now, layer by layer, with ``stats()`` of the same moment."""
+
+    def tier_of(self, key: ExpertKey) -> str:
+        """Where ``key`` would come from now: "device" (resident), "host" or "disk". Stores
+        without a host tier answer "device" or "disk"."""
+        return "device" if self.is_resident(key) else "disk"

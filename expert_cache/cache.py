@@ -14,7 +14,7 @@ Counting (what ``stats()`` and the metrics report):
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from prometheus_client import CollectorRegistry
@@ -48,7 +48,8 @@ class TieredExpertCache(ExpertStore):
     buffer). With ``background_prefetch`` (the default) ``prefetch`` hands its keys to a loader
     thread and returns at once; otherwise it loads in the calling thread. ``load_timeout_s``
     bounds how long ``acquire`` waits for a load another thread runs (ExpertLoadTimeout); None
-    waits forever.
+    waits forever. ``before_disk_read(key)`` runs in the reading thread before each disk read
+    (see ``DiskReader``): tests and benchmarks use it to make reads slow, gated or failing.
     """
 
     def __init__(
@@ -61,6 +62,7 @@ class TieredExpertCache(ExpertStore):
         registry: CollectorRegistry | None = None,
         background_prefetch: bool = True,
         load_timeout_s: float | None = DEFAULT_LOAD_TIMEOUT_S,
+        before_disk_read: Callable[[ExpertKey], None] | None = None,
     ) -> None:
         if load_timeout_s is not None and not load_timeout_s > 0:
             raise ValueError(f"load_timeout_s must be > 0 or None, got {load_timeout_s!r}")
@@ -75,7 +77,7 @@ class TieredExpertCache(ExpertStore):
         self.groups, self._layer_group = slab_groups(catalog)
         self.lock = threading.RLock()
         self._cond = threading.Condition(self.lock)
-        disk = DiskReader(catalog)  # validates every chunk before any memory is taken
+        disk = DiskReader(catalog, before_disk_read)  # validates every chunk before any memory is taken
         pinned = self.device.type == "cuda"
         self._device = DeviceTier(self.groups, self.device, device_budget_bytes)
         self._host = HostTier(self.groups, host_budget_bytes, pinned)
@@ -111,6 +113,16 @@ class TieredExpertCache(ExpertStore):
         with self.lock:
             slot = self._device.tables[group].slot(key)
             return slot is not None and self._device.states[group][slot] is SlotState.READY
+
+    def tier_of(self, key: ExpertKey) -> str:
+        group = self._layer_group.get(key[0])
+        if group is None or key not in self.catalog.chunks:
+            return "disk"
+        with self.lock:
+            slot = self._device.tables[group].slot(key)
+            if slot is not None and self._device.states[group][slot] is SlotState.READY:
+                return "device"
+            return "host" if key in self._host.tables[group] else "disk"
 
     def acquire(self, keys: Sequence[ExpertKey]) -> torch.Tensor:
         keys = list(keys)

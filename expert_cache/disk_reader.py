@@ -27,8 +27,12 @@ def _itemsize(dtype: torch.dtype) -> int:
 class DiskReader:
     """Validated byte-range reads of the catalog's experts."""
 
-    def __init__(self, catalog: ExpertCatalog) -> None:
+    def __init__(self, catalog: ExpertCatalog, before_read: Callable[[ExpertKey], None] | None = None) -> None:
+        """``before_read(key)`` runs in the reading thread before each expert is read: a hook
+        for tests and benchmarks to slow a read down, gate it on an event, or fail it (what it
+        raises propagates as the read's failure)."""
         self.catalog = catalog
+        self.before_read = before_read
         headers: dict[Path, dict[str, TensorInfo]] = {}
         self._file_bytes: dict[ExpertKey, int] = {}
         self._converts: set[ExpertKey] = set()
@@ -107,6 +111,8 @@ class DiskReader:
         parts = self.catalog.chunks.get(key)
         if parts is None:
             raise KeyError(f"expert {key} is not in the catalog")
+        if self.before_read is not None:
+            self.before_read(key)
         for spec in self.catalog.parts[key[0]]:
             out = dest[spec.name].reshape(-1)  # a view: dest is contiguous
             out_bytes = out.view(torch.uint8)

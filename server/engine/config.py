@@ -51,7 +51,11 @@ class EngineConfig:
     families: "full"). ``device`` None = the model's (given, it must be the model's).
     ``dtype``: KV cache dtype, None = the model's. ``kv_cache_bytes`` None = one KV slot per
     ``max_num_seqs``; given, the number of slots is what fits (at most ``max_num_seqs``).
-    ``max_wait_steps``: a request waiting longer than this many engine steps is served first."""
+    ``max_wait_steps``: a request waiting longer than this many engine steps is served first.
+    ``prefill_chunk_tokens``: the prefill work one engine step may do, in token rows (a layer's
+    attention counts the prompt's length, each expert the tokens it serves; at least one unit
+    runs): between two such pieces the running streams decode. ``loader_threads``: threads that
+    page experts in for admitted requests, off the engine thread."""
 
     max_num_seqs: int = 16
     max_model_len: int | None = None
@@ -61,9 +65,11 @@ class EngineConfig:
     dtype: str | torch.dtype | None = None
     kv_cache_bytes: int | None = None
     max_wait_steps: int = 64
+    prefill_chunk_tokens: int = 512
+    loader_threads: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_queue", "max_wait_steps"):
+        for name in ("max_num_seqs", "max_queue", "max_wait_steps", "prefill_chunk_tokens", "loader_threads"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"EngineConfig.{name}: must be an integer >= 1, got {value!r}")

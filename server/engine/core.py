@@ -1,6 +1,15 @@
 """One engine step at a time: schedule, run the model, sample, detokenize, emit.
 
-Runs on the engine thread only. Failure isolation: an exception from the model or the sampler
+Runs on the engine thread only, and never waits for an expert to be read or copied: a prefill
+advances in bounded pieces (``prefill_chunk_tokens`` rows of work per step, layer by layer), and
+when a layer's pool is not resident the request is parked LOADING while loader threads
+(``expert_cache.async_loads``) pin it; meanwhile the running streams keep decoding. A finished
+load is picked up at the start of a step. Layer l+1's predicted pool is prefetched while layer
+l's loads and compute run. Full-routing prefills page the experts their tokens chose the same
+way (without pinning them). The numbers are exactly the one-shot prefill's (see
+``MoETransformer.prefill_mlp``).
+
+Failure handling. Failure isolation: an exception from the model or the sampler
 fails the requests of that step (finish_reason "error"), an exception while turning one row's
 token into output fails that request alone; either way their KV slots and expert pins are
 freed and the engine goes on. ``SlotsExhausted`` is not a failure but a back-off: a prefill is
@@ -10,6 +19,7 @@ pool rows alone (their experts are pinned) while full-routing rows wait a step.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -17,7 +27,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from expert_cache.base import SlotsExhausted
+from expert_cache.async_loads import AsyncPinner
+from expert_cache.base import ExpertKey, SlotsExhausted
 from server.engine.detokenizer import Detokenizer, TokenTexts
 from server.engine.faults import is_fatal
 from server.engine.kv_slots import KVSlotAllocator
@@ -40,11 +51,14 @@ if TYPE_CHECKING:
     from server.model.loader import LoadedModel
 
 log = logging.getLogger("emo_serve.engine")
+TIER_ORDER = {"device": 0, "host": 1, "disk": 2}  # pool_source: the slowest tier wins
 
 
 class EngineCore:
     def __init__(self, loaded: LoadedModel, runner: ModelRunner, scheduler_config: SchedulerConfig,
-                 metrics: EngineMetrics, on_finished: Callable[[str], None]) -> None:
+                 metrics: EngineMetrics, on_finished: Callable[[str], None], *,
+                 prefill_chunk_tokens: int = 512, loader_threads: int = 2,
+                 on_load_done: Callable[[], None] | None = None) -> None:
         self.config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.runner = runner
@@ -54,7 +68,13 @@ class EngineCore:
         self.kv_slots = KVSlotAllocator(runner.kv.num_slots)
         reserve = max((self.config.num_routed(layer) for layer in self.config.moe_layers), default=1)
         self.budget = PoolBudget(runner.store, self.config.moe_layers, reserve, len(loaded.catalog.chunks))
+        if self.budget.can_miss:
+            scheduler_config = dataclasses.replace(scheduler_config, separate_full_rows=True)
         self.scheduler = Scheduler(scheduler_config, self.kv_slots, self.budget)
+        self.catalog = loaded.catalog
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.pinner = AsyncPinner(runner.store, loader_threads, on_load_done)
+        self.last_moe_layer = max(self.config.moe_layers, default=-1)
         self.predictor = PoolPredictor()
         self.token_text = TokenTexts(loaded.tokenizer.tokenizer)
         self.by_id: dict[str, Sequence] = {}
@@ -85,13 +105,19 @@ class EngineCore:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.scheduler.waiting or self.scheduler.running)
+        return bool(self.scheduler.waiting or self.scheduler.prefilling or self.scheduler.running)
+
+    def close(self) -> None:
+        """Stop the loader threads (after abort_all: abandoned loads release their pins)."""
+        self.pinner.close()
 
     # ---- one step --------------------------------------------------------------------------
     def step(self) -> bool:
-        """Run one step; False when there was nothing to run."""
+        """Run one step; False when there was nothing to run (all admitted requests are loading,
+        or nothing is admitted)."""
         for seq in [s for s in self.by_id.values() if s.cancelled]:
             self._finish(seq, "abort", "", [])
+        self._poll_loads()
         try:
             step = self.scheduler.schedule()
         except Exception as e:  # noqa: BLE001 - admission: fail the request(s) it raised for
@@ -99,11 +125,13 @@ class EngineCore:
                 raise
             return True
         if step is None:
-            if self.scheduler.waiting and not self.scheduler.running:
-                head = self.scheduler.waiting[0]
+            sch = self.scheduler
+            if sch.waiting and not sch.running and not sch.prefilling and self.pinner.in_flight == 0:
+                head = sch.waiting[0]
                 free = [self.runner.store.free_slots(g.rep) for g in self.budget.groups]
                 self._fail([head], f"cannot be admitted although nothing is running: free device "
                                    f"expert slots per slab {free}, KV slots free {self.kv_slots.num_free}")
+            self.update_gauges()
             return False
         if isinstance(step, Decode):
             self._decode(step.seqs)
@@ -128,22 +156,27 @@ class EngineCore:
             self._step_failed(culprits, error)
         return bool(culprits)
 
+    # ---- prefill in pieces ---------------------------------------------------------------------
     def _prefill(self, seq: Sequence) -> None:
-        now = time.monotonic()
+        """Advance ``seq``'s prefill by about ``prefill_chunk_tokens`` rows of work; sample its
+        first token when it completes."""
         try:
-            logits = self.runner.prefill(seq)
+            if seq.prefill is None:
+                if seq.times.scheduled is None:  # not again after a back-off
+                    now = time.monotonic()
+                    seq.times.scheduled = now
+                    self.metrics.queue_time.observe(max(0.0, now - seq.times.arrival))
+                self.runner.prefill_start(seq)
+            logits = self._advance(seq)
         except SlotsExhausted as e:
-            self.metrics.backoffs.inc()
-            if len(self.scheduler.running) > 1:
-                self.scheduler.requeue(seq, block_pools=True)
-                return
-            self._fail([seq], f"the expert pool does not fit the device expert cache: {e}")
+            self._back_off(seq, e)
             return
         except Exception as e:  # noqa: BLE001 - any failure fails this step's request only
             self._step_failed([seq], e)
             return
-        seq.times.scheduled = now
-        self.metrics.queue_time.observe(max(0.0, now - seq.times.arrival))
+        if logits is None:
+            return
+        self.scheduler.prefilled(seq)
         self.metrics.prompt_tokens.inc(len(seq.prompt_ids))
         if seq.pools is not None:
             self.predictor.observe(seq.prompt_ids, seq.pool_lists())
@@ -158,6 +191,94 @@ class EngineCore:
             self._step_failed([seq], e)
             return
         self._accept(seq, result.token_ids[0], result.logprobs[0], prompt_lp)
+
+    def _advance(self, seq: Sequence) -> torch.Tensor | None:
+        """The prefill's next piece of work; its logits when it is complete, None when there is
+        more to do (or it is now LOADING)."""
+        state = seq.prefill
+        assert state is not None
+        budget = self.prefill_chunk_tokens
+        while not state.done:
+            if budget <= 0:
+                return None
+            if not state.attended:
+                keys = self.runner.prefill_attend(seq)
+                budget -= state.num_tokens
+                if keys and not self._make_resident(seq, keys, state.next_predicted):
+                    return None
+                continue
+            budget -= self.runner.prefill_mlp(seq, budget)
+        return self.runner.prefill_finish(seq)
+
+    def _make_resident(self, seq: Sequence, keys: list[ExpertKey], predicted: list[ExpertKey]) -> bool:
+        """True when ``keys`` are resident now (a pool: pinned for the request); else a loader
+        thread is set to work on them and ``seq`` is LOADING."""
+        store = self.runner.store
+        tiers = [store.tier_of(k) for k in keys]
+        missing = [k for k, t in zip(keys, tiers, strict=True) if t != "device"]
+        seq.experts.misses += len(missing)
+        seq.experts.hits += len(keys) - len(missing)
+        seq.experts.bytes_loaded += sum(self.catalog.expert_bytes(k[0]) for k in missing)
+        if seq.is_pool:
+            seq.pool_source = max([seq.pool_source, *tiers], key=TIER_ORDER.__getitem__)
+        if not missing:
+            if seq.is_pool:  # hits only: no read on this thread
+                store.acquire(keys)
+                self._pinned(seq, keys)
+            if predicted:
+                store.prefetch(predicted)
+            return True
+        seq.load = self.pinner.pin(keys) if seq.is_pool else self.pinner.warm(missing)
+        seq.status = SeqStatus.LOADING
+        if predicted:
+            store.prefetch(predicted)
+        return False
+
+    def _pinned(self, seq: Sequence, keys: list[ExpertKey]) -> None:
+        seq.pinned.extend(keys)
+        if keys and keys[0][0] == self.last_moe_layer and seq.times.scheduled is not None:
+            self.metrics.pool_load.labels(source=seq.pool_source).observe(
+                max(0.0, time.monotonic() - seq.times.scheduled))
+
+    def _poll_loads(self) -> None:
+        for seq in [s for s in self.scheduler.prefilling if s.load is not None and s.load.done()]:
+            load, seq.load = seq.load, None
+            assert load is not None
+            seq.status = SeqStatus.PREFILLING
+            try:
+                keys = load.take()
+            except SlotsExhausted as e:
+                self._back_off(seq, e)
+                continue
+            except Exception as e:  # noqa: BLE001 - a failed read fails this request alone
+                if is_fatal(e):  # e.g. a poisoned device met by the loader thread's copy
+                    raise
+                log.warning("loading experts of layer %d for %s failed: %s", load.keys[0][0],
+                            seq.request_id, e)
+                self._fail([seq], f"loading the experts of layer {load.keys[0][0]} failed: "
+                                  f"{type(e).__name__}: {e}")
+                continue
+            self._pinned(seq, keys)
+
+    def _back_off(self, seq: Sequence, error: SlotsExhausted) -> None:
+        """A prefill could not pin its pool: start it over later when others are admitted (their
+        pins are what it lacks), fail it when it is alone."""
+        self.metrics.backoffs.inc()
+        others = len(self.scheduler.running) + len(self.scheduler.prefilling) - 1
+        if others > 0:
+            self._drop_prefill(seq)
+            self.scheduler.requeue(seq, block_pools=True)
+            return
+        self._fail([seq], f"the expert pool does not fit the device expert cache: {error}")
+
+    def _drop_prefill(self, seq: Sequence) -> None:
+        """Forget a prefill in progress: its load (released when it lands), pins and state."""
+        if seq.load is not None:
+            self.pinner.abandon(seq.load)
+            seq.load = None
+        seq.prefill = None
+        self.runner.release(seq)
+        seq.pool_source = "device"
 
     def _decode(self, seqs: list[Sequence]) -> None:
         try:
@@ -258,7 +379,7 @@ class EngineCore:
             self.update_gauges()  # before the output: whoever sees it finished sees the gauges too
 
         failure: BaseException | None = None
-        for release in (self.scheduler.finish, self.runner.release, self._forget_seq, count_finished):
+        for release in (self.scheduler.finish, self._drop_prefill, self._forget_seq, count_finished):
             try:
                 release(seq)
             except Exception as e:  # noqa: BLE001 - logged; the output below must still go out
@@ -314,7 +435,8 @@ class EngineCore:
             seq.cancelled = True
 
     def update_gauges(self) -> None:
-        self.metrics.num_running.set(len(self.scheduler.running))
+        self.metrics.num_running.set(self.scheduler.num_running)
         self.metrics.num_waiting.set(len(self.scheduler.waiting))
+        self.metrics.num_loading.set(self.scheduler.num_loading)
         self.metrics.kv_usage.set(self.kv_slots.usage)
         self.metrics.update_memory()

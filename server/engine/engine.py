@@ -77,13 +77,15 @@ class Engine:
         runner = ModelRunner(loaded, num_slots, self._max_model_len, kv_dtype)
         self._core = EngineCore(loaded, runner, SchedulerConfig(max_num_seqs=num_slots,
                                                                  max_wait_steps=config.max_wait_steps),
-                                self.metrics, self._forget)
+                                self.metrics, self._forget, prefill_chunk_tokens=config.prefill_chunk_tokens,
+                                loader_threads=config.loader_threads, on_load_done=self._wake)
         self.default_pool: PoolSpec = self._resolve_default_pool()
         self._cond = threading.Condition()
         self._inbox: deque[tuple[GenerationRequest, OnOutput, int | None]] = deque()
         self._cancels: set[str] = set()
         self._active: set[str] = set()
         self._accepting, self._stopping, self._dead = True, False, False
+        self._woken = False  # a load finished: the loop must look again before it sleeps
         self._deadline = 0.0
         self._thread: threading.Thread | None = None
         self.death_reason: str | None = None
@@ -190,6 +192,7 @@ class Engine:
         if thread is None:  # never started: nothing ran, abort what was queued here
             self._drain_inbox()
             self._core.abort_all("abort")
+            self._core.close()
             return
         thread.join(timeout=max(0.0, grace_s) + 60.0)
         if thread.is_alive():
@@ -229,6 +232,12 @@ class Engine:
             self._active.discard(request_id)
             self._cancels.discard(request_id)
 
+    def _wake(self) -> None:
+        """Called by a loader thread when a load finishes."""
+        with self._cond:
+            self._woken = True
+            self._cond.notify()
+
     def _drain_inbox(self) -> set[str]:
         with self._cond:
             inbox, self._inbox = self._inbox, deque()
@@ -254,11 +263,14 @@ class Engine:
 
     def _run(self) -> None:
         core = self._core
+        idle = False  # the last step found nothing runnable (e.g. every admitted request loading)
         try:
             while True:
                 with self._cond:
-                    if not (self._inbox or self._cancels or core.has_work or self._stopping):
+                    busy = core.has_work and not idle
+                    if not (self._inbox or self._cancels or busy or self._stopping or self._woken):
                         self._cond.wait(timeout=0.5)
+                    self._woken = False
                     stopping, deadline = self._stopping, self._deadline
                 for request_id in self._drain_inbox():
                     core.abort(request_id)
@@ -266,9 +278,9 @@ class Engine:
                     core.abort_all("abort")
                     core.update_gauges()
                     self._answer_inbox("the engine stopped before this request was admitted")
+                    core.close()
                     return
-                if not core.step():
-                    core.update_gauges()
+                idle = not core.step()
         except BaseException as e:  # noqa: BLE001 - report, fail everything, stay dead
             self._die(e)
 
@@ -287,6 +299,10 @@ class Engine:
                 self._core.by_id.pop(seq.request_id, None)
                 self._core.reject(seq.request, seq.on_output, RuntimeError(message))
         self._answer_inbox(message)
+        try:
+            self._core.close()  # abandoned loads release their pins as they land
+        except Exception:  # noqa: BLE001
+            log.exception("stopping the expert loader threads raised")
         for listener in self._death_listeners:
             try:
                 listener(reason)

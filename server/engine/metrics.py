@@ -39,6 +39,13 @@ class EngineMetrics:
                                  "Requests in the running batch (KV slot held).", registry=registry)
         self.num_waiting = Gauge("emo_serve_num_requests_waiting",
                                  "Requests waiting to be admitted.", registry=registry)
+        self.num_loading = Gauge("emo_serve_num_requests_loading",
+                                 "Admitted requests parked while loader threads page in their experts "
+                                 "(running streams keep decoding meanwhile).", registry=registry)
+        self.pool_load = Histogram("emo_serve_pool_load_seconds",
+                                   "Admission to the whole expert pool pinned resident, by the slowest "
+                                   "tier any of its experts came from (device, host or disk).",
+                                   ["source"], buckets=TTFT_BUCKETS, registry=registry)
         self.kv_usage = Gauge("emo_serve_kv_cache_usage_perc",
                               "Fraction of KV cache slots in use (1 = 100%).", registry=registry)
         self.prompt_tokens = Counter("emo_serve_prompt_tokens",

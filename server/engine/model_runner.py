@@ -9,17 +9,21 @@ and rows sharing a batch share its loads.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
-from expert_cache.base import CacheStats, ExpertStore
+from expert_cache.base import CacheStats, ExpertKey, ExpertStore
 from server.engine.sequence import Sequence
 from server.model.kv_cache import KVCache
+from server.model.model import PrefillState
 
 if TYPE_CHECKING:
     from server.model.loader import LoadedModel
+
+T = TypeVar("T")
 
 
 def model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -65,6 +69,54 @@ class ModelRunner:
             seq.pools = list(out.pools) if out.pools is not None else None
             seq.pool_mask = self.model.pool_mask_row(seq.pools).to(self.device)  # [L, E_max]
         return out.logits
+
+    # ---- the prefill in pieces (the engine's path; ``prefill`` above is the same, whole) --------
+    def prefill_start(self, seq: Sequence) -> None:
+        if seq.slot is None:
+            raise ValueError(f"request {seq.request_id}: prefill without a KV slot")
+        ids = torch.tensor(seq.prompt_ids, dtype=torch.long, device=self.device)
+        seq.prefill = self.model.prefill_start(ids, self.kv, seq.slot, pool_size=seq.pool_size,
+                                               all_logits=seq.request.sampling.prompt_logprobs is not None)
+
+    def prefill_attend(self, seq: Sequence) -> list[ExpertKey]:
+        """Attention of the next layer; the keys that must be resident before its MLP runs:
+        the layer's pool (to be pinned for the request's life) or, for full routing, the
+        experts its tokens chose (to be paged in, not pinned)."""
+        state = self._state(seq)
+        pool_keys = self._counted(seq, lambda: self.model.prefill_attend(state))
+        if pool_keys or seq.is_pool:
+            return pool_keys
+        return self.model.prefill_routed_keys(state)
+
+    def prefill_mlp(self, seq: Sequence, max_rows: int) -> int:
+        state = self._state(seq)
+        return self._counted(seq, lambda: self.model.prefill_mlp(state, max_rows))
+
+    def prefill_finish(self, seq: Sequence) -> torch.Tensor:
+        """float32 logits [T, V] (prompt logprobs asked) or [1, V]; the pools go on ``seq``."""
+        state = self._state(seq)
+        logits = self.model.prefill_logits(state)
+        seq.prefill = None
+        if seq.is_pool:
+            seq.pools = state.pools
+            seq.pool_mask = self.model.pool_mask_row(seq.pools).to(self.device)  # [L, E_max]
+        return logits
+
+    @staticmethod
+    def _state(seq: Sequence) -> PrefillState:
+        if seq.prefill is None:
+            raise RuntimeError(f"request {seq.request_id}: no prefill in progress")
+        return seq.prefill
+
+    @torch.inference_mode()
+    def _counted(self, seq: Sequence, work: Callable[[], T]) -> T:
+        before = _traffic(self.store.stats())
+        out = work()
+        after = _traffic(self.store.stats())
+        seq.experts.hits += after[0] - before[0]
+        seq.experts.misses += after[1] - before[1]
+        seq.experts.bytes_loaded += after[2] - before[2]
+        return out
 
     @torch.inference_mode()
     def decode(self, seqs: Seq[Sequence]) -> torch.Tensor:

@@ -72,16 +72,26 @@ class PoolBudget:
 
     def can_admit_pool(self, pool_size: int, full_running: bool,
                        predicted: Sequence[ExpertKey] | None = None,
-                       pinned: frozenset[ExpertKey] = frozenset()) -> bool:
-        """``predicted``: the request's likely pool; ``pinned``: keys running requests pin now.
+                       pinned: frozenset[ExpertKey] = frozenset(),
+                       reserved: Sequence[int] | None = None) -> bool:
+        """``predicted``: the request's likely pool; ``pinned``: keys admitted requests pin now.
         Pins are shared per key, so predicted experts already pinned cost no free slot. A wrong
-        prediction ends in SlotsExhausted during prefill, which requeues the request."""
+        prediction ends in SlotsExhausted during prefill, which requeues the request.
+        ``reserved``: slots per slab group that admitted requests will still pin (their layers
+        not reached yet); they are not free for this one."""
         keep = self.reserve if full_running else 0
         need = self.need(pool_size)
+        if reserved is not None:
+            need = [n + r for n, r in zip(need, reserved, strict=True)]
         if predicted and pinned:
             shared = [sum(1 for k in set(predicted) if k in pinned and k[0] in g.layers) for g in self.groups]
             need = [n - s for n, s in zip(need, shared, strict=True)]
         return all(self.store.free_slots(g.rep) - n >= keep for g, n in zip(self.groups, need, strict=True))
+
+    @property
+    def can_miss(self) -> bool:
+        """Whether the device tier is smaller than the experts: some step may have to page."""
+        return sum(self.store.capacity(g.rep) for g in self.groups) < self.num_keys
 
     def can_admit_full(self) -> bool:
         return all(self.store.free_slots(g.rep) >= min(self.reserve, self.store.capacity(g.rep))

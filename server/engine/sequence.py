@@ -9,15 +9,19 @@ from dataclasses import dataclass, field
 
 import torch
 
+from expert_cache.async_loads import ExpertLoad
 from expert_cache.base import ExpertKey
 from server.engine.detokenizer import Detokenizer
 from server.engine.request import GenerationRequest, RequestOutput
 from server.engine.sampler import SamplingState
+from server.model.model import PrefillState
 
 
 class SeqStatus(enum.Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
+    WAITING = "waiting"  # queued, not admitted
+    PREFILLING = "prefilling"  # admitted (KV slot held), its prefill advancing step by step
+    LOADING = "loading"  # prefilling, parked until a loader thread has made a layer's experts resident
+    RUNNING = "running"  # decoding
     FINISHED = "finished"
 
 
@@ -26,7 +30,7 @@ class SeqTimes:
     """time.monotonic() stamps."""
 
     arrival: float
-    scheduled: float | None = None  # prefill started (end of queueing)
+    scheduled: float | None = None  # admitted: prefill started (end of queueing)
     first_token: float | None = None
     last_token: float | None = None
     finished: float | None = None
@@ -52,6 +56,9 @@ class Sequence:
     pools: list[torch.Tensor | None] | None = None  # per layer, from prefill (pool requests)
     pool_mask: torch.Tensor | None = None  # [L, E_max] bool on the device (pool requests)
     pinned: list[ExpertKey] = field(default_factory=list)  # released exactly once at the end
+    prefill: PrefillState | None = None  # while prefilling: the prompt part-way through the layers
+    load: ExpertLoad | None = None  # while loading: the loader-thread load it waits for
+    pool_source: str = "device"  # the slowest tier any expert of its pool came from
     predicted_keys: list[ExpertKey] | None = None  # guess of the pool, for scheduling only
     waited_steps: int = 0  # scheduler steps spent waiting (starvation bound)
     times: SeqTimes = field(default_factory=lambda: SeqTimes(0.0))

@@ -192,6 +192,24 @@ class MoETransformer(nn.Module):
         return [(index, e) for e in pool.tolist()]
 
     @torch.inference_mode()
+    def prefill_routed_keys(self, state: PrefillState) -> list[ExpertKey]:
+        """The distinct routable experts the attended MoE layer's tokens chose (full routing:
+        the experts the layer will page in), routing them now; [] for dense layers."""
+        mlp = self.decoder_layers[state.layer].mlp
+        if not isinstance(mlp, MoEBlock) or state.normed is None:
+            return []
+        self._plan(state, mlp, state.normed)
+        assert state.plan is not None
+        return [(state.layer, e) for e in state.plan.expert_ids]
+
+    def _plan(self, state: PrefillState, mlp: MoEBlock, normed: torch.Tensor) -> None:
+        if state.plan is None:
+            router = state.router if state.router is not None else mlp.router_logits(normed)
+            state.routes = route(router, mlp.spec, state.allowed)
+            state.plan = mlp.plan(state.routes)
+            state.acc = torch.zeros(state.num_tokens, normed.shape[1], dtype=torch.float32, device=normed.device)
+
+    @torch.inference_mode()
     def prefill_mlp(self, state: PrefillState, max_rows: int) -> int:
         """Run more of the attended layer's MLP: routed experts in expert order until about
         ``max_rows`` token rows are computed (at least one expert; a dense layer or the fixed
@@ -209,11 +227,8 @@ class MoETransformer(nn.Module):
         if not isinstance(mlp, MoEBlock):
             state.finish_layer(h + mlp(normed))
             return T
-        if state.plan is None or state.routes is None or state.acc is None:
-            state.routes = route(state.router if state.router is not None else mlp.router_logits(normed),
-                                 mlp.spec, state.allowed)
-            state.plan = mlp.plan(state.routes)
-            state.acc = torch.zeros(T, normed.shape[1], dtype=torch.float32, device=normed.device)
+        self._plan(state, mlp, normed)
+        assert state.plan is not None and state.routes is not None and state.acc is not None
         plan, first = state.plan, state.experts_done
         n = len(plan.expert_ids)
         stop = first + 1

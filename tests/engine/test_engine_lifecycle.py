@@ -86,7 +86,7 @@ def test_cancel_frees_kv_and_pins(loaded: LoadedModel, make_engine: EngineFactor
 def test_exception_in_a_step_fails_only_that_step(loaded: LoadedModel, make_engine: EngineFactory,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     model = loaded.model
-    real_prefill, real_decode = model.prefill, model.decode
+    real_prefill, real_decode = model.prefill_start, model.decode
     poison = prompt_ids(loaded, 3, 9, seed=99)
     decode_bomb = threading.Event()
 
@@ -101,7 +101,7 @@ def test_exception_in_a_step_fails_only_that_step(loaded: LoadedModel, make_engi
             raise torch.cuda.OutOfMemoryError("injected decode failure")
         return real_decode(*args, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(model, "prefill", prefill)
+    monkeypatch.setattr(model, "prefill_start", prefill)
     monkeypatch.setattr(model, "decode", decode)
     good = [GenerationRequest(f"g{i}", prompt_ids(loaded, i, 5 + i, seed=i), greedy(10), expert_pool=pool)
             for i, pool in enumerate([3, "full", 8])]
@@ -165,7 +165,7 @@ def test_unstarted_engine_aborts_on_shutdown(loaded: LoadedModel, make_engine: E
 def test_slots_exhausted_backs_off_without_losing_anything(loaded: LoadedModel, make_engine: EngineFactory,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     model = loaded.model
-    real_prefill, real_decode = model.prefill, model.decode
+    real_prefill, real_decode = model.prefill_start, model.decode
     fired = {"prefill": 0, "decode": 0}
 
     def prefill(input_ids: torch.Tensor, kv: object, slot: int, **kw: object) -> object:
@@ -185,7 +185,7 @@ def test_slots_exhausted_backs_off_without_losing_anything(loaded: LoadedModel, 
     reqs = [GenerationRequest(f"x{i}", prompt_ids(loaded, i, 6, seed=i), greedy(12), expert_pool=pool)
             for i, pool in enumerate([8, "full", 4])]
     ref = run_all(make_engine(max_num_seqs=1), reqs)
-    monkeypatch.setattr(model, "prefill", prefill)
+    monkeypatch.setattr(model, "prefill_start", prefill)
     monkeypatch.setattr(model, "decode", decode)
     engine = make_engine(max_num_seqs=4)
     out = run_all(engine, reqs)

@@ -17,7 +17,7 @@ from server.engine.kv_slots import KVSlotAllocator
 from server.engine.pool_budget import PoolBudget, PoolPredictor
 from server.engine.request import GenerationRequest, SamplingParams
 from server.engine.sampler import SamplingState
-from server.engine.scheduler import Decode, Prefill, Scheduler, SchedulerConfig
+from server.engine.scheduler import Decode, Prefill, Scheduler, SchedulerConfig, Step
 from server.engine.sequence import Sequence
 from server.model.loader import LoadedModel, load_model
 
@@ -58,6 +58,15 @@ def seq(loaded: LoadedModel, rid: str, pool: int | None,
     return s
 
 
+def step(sch: Scheduler) -> Step | None:
+    """``schedule()``, with a prefill it picks run to completion at once (the core does it over
+    several steps, then calls ``prefilled``)."""
+    picked = sch.schedule()
+    if isinstance(picked, Prefill):
+        sch.prefilled(picked.seq)
+    return picked
+
+
 def pool_keys(first: int, size: int) -> list[ExpertKey]:
     return [(layer, e) for layer in range(4) for e in range(first, first + size)]
 
@@ -81,14 +90,14 @@ def test_admission_is_bounded_by_kv_slots(loaded: LoadedModel, store: TieredExpe
     a, b, c = (seq(loaded, r, None) for r in "abc")
     for s in (a, b, c):
         sch.add(s)
-    assert sch.schedule() == Prefill(a)
-    assert sch.schedule() == Decode([a])  # never two prefills in a row while decoding
-    assert sch.schedule() == Prefill(b)
+    assert step(sch) == Prefill(a)
+    assert step(sch) == Decode([a])  # never two prefills in a row while decoding
+    assert step(sch) == Prefill(b)
     for _ in range(3):
-        assert sch.schedule() == Decode([a, b])  # c waits: no KV slot
+        assert step(sch) == Decode([a, b])  # c waits: no KV slot
     assert sch.kv.usage == 1.0 and sch.waiting == [c]
     sch.finish(a)
-    assert sch.schedule() == Prefill(c)
+    assert step(sch) == Prefill(c)
     assert sch.kv.num_used == 2
 
 
@@ -97,27 +106,27 @@ def test_admission_is_bounded_by_max_num_seqs(loaded: LoadedModel, store: Tiered
     a, b = seq(loaded, "a", None), seq(loaded, "b", None)
     sch.add(a)
     sch.add(b)
-    assert sch.schedule() == Prefill(a)
-    assert [sch.schedule() for _ in range(2)] == [Decode([a]), Decode([a])]
+    assert step(sch) == Prefill(a)
+    assert [step(sch) for _ in range(2)] == [Decode([a]), Decode([a])]
 
 
 def test_pool_admission_needs_free_expert_slots(loaded: LoadedModel, store: TieredExpertCache) -> None:
     sch = make(loaded, store)
     a, b, full = seq(loaded, "a", 4), seq(loaded, "b", 3), seq(loaded, "full", None)
     sch.add(a)
-    assert sch.schedule() == Prefill(a)
+    assert step(sch) == Prefill(a)
     pin(store, a, 0)  # 16 of 24 slots pinned
     assert store.free_slots(0) == 8
     sch.add(b)  # needs 12
     sch.add(full)  # needs the reserve only
-    assert sch.schedule() == Decode([a])
-    assert sch.schedule() == Prefill(full)
+    assert step(sch) == Decode([a])
+    assert step(sch) == Prefill(full)
     for _ in range(4):
-        assert sch.schedule() == Decode([a, full])
+        assert step(sch) == Decode([a, full])
     unpin(store, a)
     sch.finish(a)
     # 24 free; b needs 12 and keeps the reserve for the running full-routing request
-    assert sch.schedule() == Prefill(b)
+    assert step(sch) == Prefill(b)
 
 
 def test_predicted_experts_already_pinned_cost_no_free_slot(loaded: LoadedModel,
@@ -127,31 +136,31 @@ def test_predicted_experts_already_pinned_cost_no_free_slot(loaded: LoadedModel,
     sch = make(loaded, store)
     a = seq(loaded, "a", 4)
     sch.add(a)
-    assert sch.schedule() == Prefill(a)
+    assert step(sch) == Prefill(a)
     pin(store, a, 0)  # 16 of 24 pinned, 8 free: a disjoint pool of 4 x 4 layers cannot fit
     same = seq(loaded, "same", 4, predicted=pool_keys(0, 4))
     other = seq(loaded, "other", 4, predicted=pool_keys(8, 4))
     sch.add(other)
-    assert sch.schedule() == Decode([a])
-    assert sch.schedule() == Decode([a])  # other waits: its pool is disjoint
+    assert step(sch) == Decode([a])
+    assert step(sch) == Decode([a])  # other waits: its pool is disjoint
     sch.add(same)
-    assert sch.schedule() == Prefill(same)
+    assert step(sch) == Prefill(same)
 
 
 def test_full_routing_keeps_a_reserve(loaded: LoadedModel, store: TieredExpertCache) -> None:
     sch = make(loaded, store)
     big = seq(loaded, "big", 6)  # 24 slots: all of them
     sch.add(big)
-    assert sch.schedule() == Prefill(big)
+    assert step(sch) == Prefill(big)
     pin(store, big, 0)
     full = seq(loaded, "full", None)
     sch.add(full)
-    assert [sch.schedule() for _ in range(3)] == [Decode([big])] * 3
+    assert [step(sch) for _ in range(3)] == [Decode([big])] * 3
     unpin(store, big)
     sch.finish(big)
-    assert sch.schedule() == Prefill(full)
+    assert step(sch) == Prefill(full)
     sch.add(seq(loaded, "big2", 6))  # 24 would leave no reserve for the running full request
-    assert [sch.schedule() for _ in range(3)] == [Decode([full])] * 3
+    assert [step(sch) for _ in range(3)] == [Decode([full])] * 3
 
 
 def test_pool_that_can_never_fit_is_named_with_numbers(loaded: LoadedModel, store: TieredExpertCache) -> None:
@@ -174,38 +183,38 @@ def test_resident_predicted_pool_goes_first(loaded: LoadedModel, store: TieredEx
     unknown = seq(loaded, "unknown", 3)
     for s in (cold, unknown, hot):
         sch.add(s)
-    assert sch.schedule() == Prefill(hot)
-    sch.schedule()
+    assert step(sch) == Prefill(hot)
+    step(sch)
     # no prediction: scored by the mean residency (12 of 124 experts), which beats a cold pool
-    assert sch.schedule() == Prefill(unknown)
-    sch.schedule()
-    assert sch.schedule() == Prefill(cold)
+    assert step(sch) == Prefill(unknown)
+    step(sch)
+    assert step(sch) == Prefill(cold)
 
 
 def test_waiting_is_bounded(loaded: LoadedModel, store: TieredExpertCache) -> None:
     sch = make(loaded, store, max_wait=2)
     x = seq(loaded, "x", 3)
     sch.add(x)
-    assert sch.schedule() == Prefill(x)
+    assert step(sch) == Prefill(x)
     pin(store, x, 0)  # 12 pinned
     big = seq(loaded, "big", 6)  # needs all 24
     sch.add(big)
     s1 = seq(loaded, "s1", 3)
     sch.add(s1)
-    sch.schedule()  # decode
-    assert sch.schedule() == Prefill(s1)  # big does not fit yet; s1 does and is not held back
+    step(sch)  # decode
+    assert step(sch) == Prefill(s1)  # big does not fit yet; s1 does and is not held back
     pin(store, s1, 20)
-    sch.schedule()
+    step(sch)
     unpin(store, s1)
     sch.finish(s1)
     s2 = seq(loaded, "s2", 3)
     sch.add(s2)
-    steps = [sch.schedule() for _ in range(8)]
+    steps = [step(sch) for _ in range(8)]
     assert all(isinstance(st, Decode) for st in steps)  # big is overdue: s2 may not overtake it
     assert big.waited_steps > 2 and s2 in sch.waiting
     unpin(store, x)
     sch.finish(x)
-    assert sch.schedule() == Prefill(big)
+    assert step(sch) == Prefill(big)
 
 
 def test_requeue_pauses_pool_admission_until_a_finish(loaded: LoadedModel, store: TieredExpertCache) -> None:
@@ -213,14 +222,14 @@ def test_requeue_pauses_pool_admission_until_a_finish(loaded: LoadedModel, store
     a, b = seq(loaded, "a", 3), seq(loaded, "b", 3)
     sch.add(a)
     sch.add(b)
-    assert sch.schedule() == Prefill(a)
-    sch.schedule()
-    assert sch.schedule() == Prefill(b)
+    assert step(sch) == Prefill(a)
+    step(sch)
+    assert step(sch) == Prefill(b)
     sch.requeue(b, block_pools=True)  # its prefill hit SlotsExhausted
     assert b.slot is None and sch.waiting == [b] and sch.kv.num_used == 1
-    assert [sch.schedule() for _ in range(3)] == [Decode([a])] * 3
+    assert [step(sch) for _ in range(3)] == [Decode([a])] * 3
     sch.finish(a)
-    assert sch.schedule() == Prefill(b)
+    assert step(sch) == Prefill(b)
 
 
 def test_predictor_uses_the_most_similar_recent_prompt() -> None:
