@@ -50,7 +50,8 @@ class AsyncPinner:
     """Loader threads over one store. ``on_done`` is called (in a loader thread) after every
     load finishes, e.g. to wake an engine loop waiting for it."""
 
-    def __init__(self, store: ExpertStore, threads: int = 2, on_done: Callable[[], None] | None = None) -> None:
+    def __init__(self, store: ExpertStore, threads: int = 2,
+                 on_done: Callable[[], None] | None = None) -> None:
         if threads < 1:
             raise ValueError(f"AsyncPinner: threads must be >= 1, got {threads}")
         self.store, self.on_done = store, on_done
@@ -90,7 +91,8 @@ class AsyncPinner:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     # ---- loader threads ----------------------------------------------------------------------
-    def _submit(self, keys: list[ExpertKey], pins: bool, work: Callable[[list[ExpertKey]], None]) -> ExpertLoad:
+    def _submit(self, keys: list[ExpertKey], pins: bool,
+                work: Callable[[list[ExpertKey]], None]) -> ExpertLoad:
         load = ExpertLoad(keys, pins, self._pool.submit(self._run, work, keys))
         with self._lock:
             self._in_flight.add(load)

@@ -27,7 +27,9 @@ def _itemsize(dtype: torch.dtype) -> int:
 class DiskReader:
     """Validated byte-range reads of the catalog's experts."""
 
-    def __init__(self, catalog: ExpertCatalog, before_read: Callable[[ExpertKey], None] | None = None) -> None:
+    def __init__(
+        self, catalog: ExpertCatalog, before_read: Callable[[ExpertKey], None] | None = None
+    ) -> None:
         """``before_read(key)`` runs in the reading thread before each expert is read: a hook
         for tests and benchmarks to slow a read down, gate it on an event, or fail it (what it
         raises propagates as the read's failure)."""

@@ -94,7 +94,8 @@ class Scheduler:
         for seq in self.waiting:
             seq.waited_steps += 1
         if not (self.running and self._last_was_prefill):
-            nxt = self._admit() or next((s for s in self.prefilling if s.status is SeqStatus.PREFILLING), None)
+            ready = (s for s in self.prefilling if s.status is SeqStatus.PREFILLING)
+            nxt = self._admit() or next(ready, None)
             if nxt is not None:
                 self._last_was_prefill = True
                 return Prefill(nxt)

@@ -207,7 +207,8 @@ class MoETransformer(nn.Module):
             router = state.router if state.router is not None else mlp.router_logits(normed)
             state.routes = route(router, mlp.spec, state.allowed)
             state.plan = mlp.plan(state.routes)
-            state.acc = torch.zeros(state.num_tokens, normed.shape[1], dtype=torch.float32, device=normed.device)
+            state.acc = torch.zeros(state.num_tokens, normed.shape[1], dtype=torch.float32,
+                                    device=normed.device)
 
     @torch.inference_mode()
     def prefill_mlp(self, state: PrefillState, max_rows: int) -> int:

@@ -101,7 +101,9 @@ class MoEBlock(nn.Module):
         return ExpertPlan(T, host[:n_experts], list(itertools.accumulate(host[n_experts:], initial=0)),
                           order // k, routes.weights.reshape(-1)[order])
 
-    def run_experts(self, x: torch.Tensor, plan: ExpertPlan, out: torch.Tensor, first: int, stop: int) -> None:
+    def run_experts(
+        self, x: torch.Tensor, plan: ExpertPlan, out: torch.Tensor, first: int, stop: int
+    ) -> None:
         """Add experts ``plan.expert_ids[first:stop]`` to ``out`` (float32 [T, H]). Any split of
         the experts into calls gives the same sums: each expert sees the same rows, and every
         token's contributions are added in expert order."""
