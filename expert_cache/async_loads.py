@@ -113,18 +113,19 @@ class AsyncPinner:
         by_layer: dict[int, list[ExpertKey]] = {}
         for key in keys:
             by_layer.setdefault(key[0], []).append(key)
-        try:
-            for layer, group in sorted(by_layer.items()):
-                i = 0
-                while i < len(group):
-                    part = group[i : i + max(1, self.store.free_slots(layer))]
+        for layer, group in sorted(by_layer.items()):
+            i = 0
+            while i < len(group):
+                part = group[i : i + max(1, self.store.free_slots(layer))]
+                i += len(part)
+                try:
                     self.store.acquire(part)
-                    self.store.release(part)
-                    i += len(part)
-        except SlotsExhausted:
-            pass  # others hold the slots: the step's own acquire pages the rest in groups
-        except Exception:  # noqa: BLE001 - best effort; the compute's acquire will report it
-            log.debug("warming %d experts failed", len(keys), exc_info=True)
+                except SlotsExhausted:
+                    break  # others hold the slots: the step's own acquire pages the rest
+                except Exception:  # noqa: BLE001 - best effort; the compute's acquire reports it
+                    log.debug("warming %d experts of layer %d failed", len(part), layer, exc_info=True)
+                    continue
+                self.store.release(part)
 
     def _finished(self, load: ExpertLoad) -> None:
         with self._lock:  # exactly one of this and ``abandon`` releases an abandoned load

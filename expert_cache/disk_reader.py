@@ -114,7 +114,11 @@ class DiskReader:
         if parts is None:
             raise KeyError(f"expert {key} is not in the catalog")
         if self.before_read is not None:
-            self.before_read(key)
+            try:
+                self.before_read(key)
+            except OSError as e:  # reported like a failed read of the expert's first chunk
+                first = parts[self.catalog.parts[key[0]][0].name][0]
+                raise CheckpointError(first.path, f"read failed: {e.strerror or e}", first.tensor_name) from e
         for spec in self.catalog.parts[key[0]]:
             out = dest[spec.name].reshape(-1)  # a view: dest is contiguous
             out_bytes = out.view(torch.uint8)

@@ -18,7 +18,7 @@ from server.engine.pool_budget import PoolBudget, PoolPredictor
 from server.engine.request import GenerationRequest, SamplingParams
 from server.engine.sampler import SamplingState
 from server.engine.scheduler import Decode, Prefill, Scheduler, SchedulerConfig, Step
-from server.engine.sequence import Sequence
+from server.engine.sequence import SeqStatus, Sequence
 from server.model.loader import LoadedModel, load_model
 
 CAPACITY = 24  # device expert slots shared by the 4 MoE layers of the tiny preset
@@ -239,3 +239,57 @@ def test_predictor_uses_the_most_similar_recent_prompt() -> None:
     assert p.predict([1, 2, 3, 4, 6]) == [(0, 7), (0, 8), (1, 9)]
     assert p.predict([10, 11, 12, 99]) == [(0, 1), (0, 2), (1, 3)]
     assert p.predict([50, 51, 52]) is None
+
+
+def test_loading_prefills_are_skipped_and_decoding_goes_on(loaded: LoadedModel,
+                                                           store: TieredExpertCache) -> None:
+    sch = make(loaded, store)
+    a, b = seq(loaded, "a", 3), seq(loaded, "b", 3)
+    sch.add(a)
+    assert step(sch) == Prefill(a)
+    sch.add(b)
+    assert sch.schedule() == Decode([a])
+    assert sch.schedule() == Prefill(b)  # admitted; its first piece
+    b.status = SeqStatus.LOADING  # what the core does while a loader thread pins its layer
+    assert sch.num_loading == 1 and sch.num_running == 2
+    assert [sch.schedule() for _ in range(4)] == [Decode([a])] * 4
+    sch.finish(a)
+    assert sch.schedule() is None  # b is loading and nothing else can run
+    b.status = SeqStatus.PREFILLING
+    assert sch.schedule() == Prefill(b)
+
+
+def test_admission_counts_the_layers_prefilling_requests_will_pin(loaded: LoadedModel,
+                                                                 store: TieredExpertCache) -> None:
+    sch = make(loaded, store)
+    a, b = seq(loaded, "a", 4), seq(loaded, "b", 3)
+    sch.add(a)
+    assert sch.schedule() == Prefill(a)  # prefilling: nothing pinned yet, 16 slots to come
+    a.status = SeqStatus.LOADING
+    sch.add(b)  # needs 12: 24 free on the store, but only 8 once a's layers are counted
+    assert sch.schedule() is None and sch.waiting == [b]
+    a.pinned = pool_keys(0, 4)[:4]  # a's layer 0 pinned (as the loader would): 12 still to come
+    store.acquire(a.pinned)
+    assert sch.schedule() is None and sch.waiting == [b]
+    a.status = SeqStatus.PREFILLING
+    assert sch.schedule() == Prefill(a)  # a goes on; b still waits
+    a.status = SeqStatus.LOADING
+    store.release(a.pinned)
+    a.pinned = []
+    sch.finish(a)
+    assert sch.schedule() == Prefill(b)
+
+
+def test_full_rows_decode_apart_when_the_tier_can_miss(loaded: LoadedModel, store: TieredExpertCache) -> None:
+    budget = PoolBudget(store, loaded.config.moe_layers, RESERVE, len(loaded.catalog.chunks))
+    assert budget.can_miss
+    sch = Scheduler(SchedulerConfig(separate_full_rows=True), KVSlotAllocator(8), budget)
+    p, f = seq(loaded, "p", 3), seq(loaded, "f", None)
+    for s in (p, f):
+        sch.add(s)
+    step(sch)
+    step(sch)
+    step(sch)
+    assert sch.running == [p, f]
+    steps = [sch.schedule() for _ in range(4)]
+    assert steps in ([Decode([f]), Decode([p])] * 2, [Decode([p]), Decode([f])] * 2)
