@@ -1,6 +1,7 @@
 """`emo-serve bench SUITE`: benchmarks, one suite per subcommand.
 
     emo-serve bench cache --model DIR [--experts 512] [--device cuda|cpu]
+    emo-serve bench arrivals [--model DIR] [--streams 4] [--arrivals 3] [--disk-gbps G]
 
 To add a suite, write ``_add_<name>(parser)`` and ``_run_<name>(args) -> int`` (import heavy
 modules inside ``_run_``) and register them in ``SUITES``.
@@ -110,6 +111,18 @@ def _run_prefetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_arrivals(parser: argparse.ArgumentParser) -> None:
+    from server.bench.cold_arrivals import add_arguments as add_arrivals_arguments
+
+    add_arrivals_arguments(parser)
+
+
+def _run_arrivals(args: argparse.Namespace) -> int:
+    from server.bench.cold_arrivals import run as run_arrivals
+
+    return run_arrivals(args)
+
+
 SUITES: dict[str, Suite] = {
     "cache": Suite(
         "Page experts from the host tier and from disk; compare with the machine's "
@@ -122,6 +135,12 @@ SUITES: dict[str, Suite] = {
         "against full residency, through the Engine (JSON, Markdown and PNG reports)",
         _add_decode,
         _run_decode,
+    ),
+    "arrivals": Suite(
+        "Cold arrivals: inter-token gaps of running streams while requests of new domains page "
+        "their pools in, against no arrivals, async paging against blocking",
+        _add_arrivals,
+        _run_arrivals,
     ),
     "prefetch": Suite(
         "Recall of the prefill prefetch: layer l+1's predicted pool against the pool it selects",

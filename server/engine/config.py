@@ -55,7 +55,9 @@ class EngineConfig:
     ``prefill_chunk_tokens``: the prefill work one engine step may do, in token rows (a layer's
     attention counts the prompt's length, each expert the tokens it serves; at least one unit
     runs): between two such pieces the running streams decode. ``loader_threads``: threads that
-    page experts in for admitted requests, off the engine thread."""
+    page experts in for admitted requests, off the engine thread. ``async_paging`` False brings
+    back the blocking behaviour (a prefill whole in one step, its pool read on the engine thread),
+    for benchmarks to compare against."""
 
     max_num_seqs: int = 16
     max_model_len: int | None = None
@@ -67,6 +69,7 @@ class EngineConfig:
     max_wait_steps: int = 64
     prefill_chunk_tokens: int = 512
     loader_threads: int = 2
+    async_paging: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_queue", "max_wait_steps", "prefill_chunk_tokens", "loader_threads"):

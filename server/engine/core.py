@@ -58,7 +58,7 @@ class EngineCore:
     def __init__(self, loaded: LoadedModel, runner: ModelRunner, scheduler_config: SchedulerConfig,
                  metrics: EngineMetrics, on_finished: Callable[[str], None], *,
                  prefill_chunk_tokens: int = 512, loader_threads: int = 2,
-                 on_load_done: Callable[[], None] | None = None) -> None:
+                 on_load_done: Callable[[], None] | None = None, async_paging: bool = True) -> None:
         self.config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.runner = runner
@@ -72,7 +72,8 @@ class EngineCore:
             scheduler_config = dataclasses.replace(scheduler_config, separate_full_rows=True)
         self.scheduler = Scheduler(scheduler_config, self.kv_slots, self.budget)
         self.catalog = loaded.catalog
-        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.async_paging = async_paging
+        self.prefill_chunk_tokens = prefill_chunk_tokens if async_paging else 2**62
         self.pinner = AsyncPinner(runner.store, loader_threads, on_load_done)
         self.last_moe_layer = max(self.config.moe_layers, default=-1)
         self.predictor = PoolPredictor()
@@ -221,8 +222,8 @@ class EngineCore:
         seq.experts.bytes_loaded += sum(self.catalog.expert_bytes(k[0]) for k in missing)
         if seq.is_pool:
             seq.pool_source = max([seq.pool_source, *tiers], key=TIER_ORDER.__getitem__)
-        if not missing:
-            if seq.is_pool:  # hits only: no read on this thread
+        if not missing or not self.async_paging:
+            if seq.is_pool:  # hits only (unless async_paging is off): no read on this thread
                 store.acquire(keys)
                 self._pinned(seq, keys)
             if predicted:

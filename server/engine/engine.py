@@ -78,7 +78,8 @@ class Engine:
         self._core = EngineCore(loaded, runner, SchedulerConfig(max_num_seqs=num_slots,
                                                                  max_wait_steps=config.max_wait_steps),
                                 self.metrics, self._forget, prefill_chunk_tokens=config.prefill_chunk_tokens,
-                                loader_threads=config.loader_threads, on_load_done=self._wake)
+                                loader_threads=config.loader_threads, on_load_done=self._wake,
+                                async_paging=config.async_paging)
         self.default_pool: PoolSpec = self._resolve_default_pool()
         self._cond = threading.Condition()
         self._inbox: deque[tuple[GenerationRequest, OnOutput, int | None]] = deque()
