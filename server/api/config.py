@@ -82,6 +82,7 @@ class ServeConfig:
     max_num_seqs: int = 16
     max_model_len: int | None = None  # None: the model's, capped by the engine
     max_queue: int = 256
+    prefill_chunk_tokens: int = 2048
     api_key: str | None = field(default=None, repr=False)
     served_model_name: tuple[str, ...] = ()  # empty: the checkpoint directory's name
     max_body_bytes: int = 8 * MiB
@@ -101,7 +102,8 @@ class ServeConfig:
             raise ConfigError("dtype", f"{self.dtype!r} is not one of {', '.join(DTYPES)}")
         if isinstance(self.pool_size, int) and self.pool_size < 1:
             raise ConfigError("pool_size", f"{self.pool_size} must be >= 1 or 'full'")
-        for name in ("max_num_seqs", "max_queue", "max_body_bytes", "max_n", "max_stop_len"):
+        for name in ("max_num_seqs", "max_queue", "prefill_chunk_tokens", "max_body_bytes", "max_n",
+                     "max_stop_len"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"{getattr(self, name)} must be >= 1")
         for name in ("expert_cache", "host_cache", "max_stop"):
@@ -150,6 +152,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_num_seqs", _int, "N", "most sequences decoded at once (default 16)"),
     Option("max_model_len", _optional_int, "N", "longest prompt + completion (default: model's, <= 4096)"),
     Option("max_queue", _int, "N", "most waiting requests before 429 (default 256)"),
+    Option("prefill_chunk_tokens", _int, "N",
+           "prefill work per engine step, in token rows, between decode steps (default 2048)"),
     Option("api_key", str, "KEY", "require 'Authorization: Bearer KEY' on /v1 and tokenizer routes"),
     Option("served_model_name", _names, "NAME[,NAME]", "model names clients may ask for"),
     Option("max_body_bytes", parse_size, "BYTES", "largest request body (default 8MiB)"),

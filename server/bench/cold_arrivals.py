@@ -52,7 +52,7 @@ class ArrivalsConfig:
     tier: float = 1.0  # share of the routable experts the device tier holds
     host_tier: bool = False
     disk_gb_s: float | None = None  # emulate a disk of this bandwidth (sleep per expert read)
-    prefill_chunk_tokens: int = 512
+    prefill_chunk_tokens: int = 2048
     modes: tuple[str, ...] = ("async", "blocking")
 
     def __post_init__(self) -> None:
@@ -192,7 +192,8 @@ def table(cfg: ArrivalsConfig, results: list[ModeResult]) -> str:
     lines = [
         f"cold arrivals: {cfg.streams} streams x {cfg.stream_tokens} tokens, {cfg.arrivals} cold requests "
         f"(new domains, one per {cfg.arrival_every} stream tokens), {cfg.prompt_tokens}-token prompts, "
-        f"device {cfg.device} {cfg.dtype}, tier {cfg.tier:.0%}, host tier {'on' if cfg.host_tier else 'off'}"
+        f"device {cfg.device} {cfg.dtype} ({torch.get_num_threads()} CPU threads), prefill pieces of "
+        f"{cfg.prefill_chunk_tokens} rows, tier {cfg.tier:.0%}, host tier {'on' if cfg.host_tier else 'off'}"
         + ("" if cfg.disk_gb_s is None else f", disk emulated at {cfg.disk_gb_s} GB/s"),
         "",
         "| mode | gaps quiet p50 / p99 / max ms | gaps with arrivals p50 / p99 / max ms | p99 ratio | "
@@ -239,8 +240,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--disk-gbps", type=float, default=None,
                         help="emulate a disk of this many GB/s (a sleep per expert read; default: the "
                              "real reads)")
-    parser.add_argument("--prefill-chunk-tokens", type=int, default=512)
+    parser.add_argument("--prefill-chunk-tokens", type=int, default=2048)
     parser.add_argument("--modes", default="async,blocking", help="async and/or blocking (default both)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default torch's; 1 on a machine shared with other work)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -254,6 +257,8 @@ def run(args: argparse.Namespace) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.startswith("cuda")
+    if args.threads is not None:
+        torch.set_num_threads(max(1, args.threads))
     try:
         model_dir = args.model
         if model_dir is None:

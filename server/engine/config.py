@@ -67,7 +67,7 @@ class EngineConfig:
     dtype: str | torch.dtype | None = None
     kv_cache_bytes: int | None = None
     max_wait_steps: int = 64
-    prefill_chunk_tokens: int = 512
+    prefill_chunk_tokens: int = 2048
     loader_threads: int = 2
     async_paging: bool = True
 

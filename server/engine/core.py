@@ -57,7 +57,7 @@ TIER_ORDER = {"device": 0, "host": 1, "disk": 2}  # pool_source: the slowest tie
 class EngineCore:
     def __init__(self, loaded: LoadedModel, runner: ModelRunner, scheduler_config: SchedulerConfig,
                  metrics: EngineMetrics, on_finished: Callable[[str], None], *,
-                 prefill_chunk_tokens: int = 512, loader_threads: int = 2,
+                 prefill_chunk_tokens: int = 2048, loader_threads: int = 2,
                  on_load_done: Callable[[], None] | None = None, async_paging: bool = True) -> None:
         self.config = loaded.config
         self.tokenizer = loaded.tokenizer
