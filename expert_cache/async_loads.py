@@ -22,6 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from expert_cache.base import ExpertKey, ExpertStore, SlotsExhausted
+from expert_cache.tally import Traffic
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ class ExpertLoad:
 
     def __init__(self, keys: list[ExpertKey], pins: bool, future: Future[None]) -> None:
         self.keys, self.pins, self.future = keys, pins, future
+        self.traffic = Traffic()  # what this load cost the cache (hits, misses, bytes), once done
         self.abandoned = False
         self.finishing = False  # set once, when the load's completion is being handled
 
@@ -93,18 +95,22 @@ class AsyncPinner:
     # ---- loader threads ----------------------------------------------------------------------
     def _submit(self, keys: list[ExpertKey], pins: bool,
                 work: Callable[[list[ExpertKey]], None]) -> ExpertLoad:
-        load = ExpertLoad(keys, pins, self._pool.submit(self._run, work, keys))
+        load = ExpertLoad(keys, pins, Future())
+        load.future = self._pool.submit(self._run, work, load)
         with self._lock:
             self._in_flight.add(load)
         load.future.add_done_callback(lambda _: self._finished(load))  # runs now if already done
         return load
 
-    @staticmethod
-    def _run(work: Callable[[list[ExpertKey]], None], keys: list[ExpertKey]) -> None:
-        # host buffers the cache allocated under the engine's inference_mode can only be
-        # written inside it
-        with torch.inference_mode():
-            work(keys)
+    def _run(self, work: Callable[[list[ExpertKey]], None], load: ExpertLoad) -> None:
+        before = self.store.thread_traffic()
+        try:
+            # host buffers the cache allocated under the engine's inference_mode can only be
+            # written inside it
+            with torch.inference_mode():
+                work(load.keys)
+        finally:
+            load.traffic = self.store.thread_traffic() - before
 
     def _pin(self, keys: list[ExpertKey]) -> None:
         self.store.acquire(keys)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from expert_cache.tally import Traffic
+
 ExpertKey = tuple[int, int]  # (layer, expert id within the layer)
 
 
@@ -206,6 +208,13 @@ class ExpertStore(ABC):
     @abstractmethod
     def snapshot(self) -> ResidencySnapshot:
         """Which experts are where now, layer by layer, with ``stats()`` of the same moment."""
+
+    def thread_traffic(self) -> Traffic:
+        """Device hits and misses of the calling thread's acquires, and the bytes its loads
+        moved, since the store was made (see tally.py). Stores that never load anything and
+        are used from one thread may answer from their global counters."""
+        s = self.stats()
+        return Traffic(s.device.hits, s.device.misses, s.bytes_loaded_from_host + s.bytes_loaded_from_disk)
 
     def tier_of(self, key: ExpertKey) -> str:
         """Where ``key`` would come from now: "device" (resident), "host" or "disk". Stores

@@ -37,6 +37,7 @@ from expert_cache.loading import ExpertLoader
 from expert_cache.metrics import CacheMetrics
 from expert_cache.prefetcher import Prefetcher
 from expert_cache.residency import Residency
+from expert_cache.tally import ThreadTally, Traffic
 
 DEFAULT_LOAD_TIMEOUT_S = 60.0  # one expert is MBs: a healthy disk delivers it in well under a second
 
@@ -82,6 +83,7 @@ class TieredExpertCache(ExpertStore):
         self._device = DeviceTier(self.groups, self.device, device_budget_bytes)
         self._host = HostTier(self.groups, host_budget_bytes, pinned)
         self._metrics = CacheMetrics(registry, self.stats, self._capacity_experts)
+        self._tally = ThreadTally()
         self.registry = self._metrics.registry
         self._loader = ExpertLoader(
             self.groups,
@@ -91,8 +93,9 @@ class TieredExpertCache(ExpertStore):
             StagingBuffers(self.groups, pinned),
             self._device,
             self._metrics,
+            self._tally,
         )
-        self._residency = Residency(self._device, self._loader, self._cond, load_timeout_s)
+        self._residency = Residency(self._device, self._loader, self._cond, self._tally, load_timeout_s)
         self._prefetcher = Prefetcher(self._prefetch_now) if background_prefetch else None
 
     # -- ExpertStore -------------------------------------------------------------------------
@@ -147,6 +150,9 @@ class TieredExpertCache(ExpertStore):
             self._prefetcher.submit(keys)
         else:
             self._prefetch_now(keys)
+
+    def thread_traffic(self) -> Traffic:
+        return self._tally.read()
 
     def stats(self) -> CacheStats:
         with self.lock:

@@ -20,6 +20,7 @@ from expert_cache.disk_reader import DiskReader
 from expert_cache.host_tier import HostTier, StagingBuffers
 from expert_cache.layout import SlabGroup
 from expert_cache.metrics import CacheMetrics
+from expert_cache.tally import ThreadTally
 
 
 @dataclass
@@ -41,10 +42,12 @@ class ExpertLoader:
         staging: StagingBuffers,
         device: DeviceTier,
         metrics: CacheMetrics,
+        tally: ThreadTally,
     ) -> None:
         self.groups, self.lock = groups, lock
         self.disk, self.host, self.staging, self.device, self.metrics = disk, host, staging, device, metrics
         self.counters = LoadCounters(TierStats())
+        self.tally = tally
 
     def load(self, group: int, key: ExpertKey, slot: int) -> None:
         """Fill device ``slot`` of ``group`` with ``key`` (the caller owns the slot's FILLING
@@ -92,6 +95,7 @@ class ExpertLoader:
                 self.counters.bytes_from_host += nbytes
             else:
                 self.counters.bytes_from_disk += nbytes
+        self.tally.add(nbytes=nbytes)
         if latency is not None:
             self.metrics.observe_load(source, latency)
 

@@ -20,14 +20,15 @@ from collections import Counter
 from expert_cache.base import ExpertKey, ExpertLoadTimeout, SlotsExhausted, TierStats
 from expert_cache.device_tier import DeviceTier, SlotState
 from expert_cache.loading import ExpertLoader
+from expert_cache.tally import ThreadTally
 
 log = logging.getLogger(__name__)
 
 
 class Residency:
     def __init__(self, device: DeviceTier, loader: ExpertLoader, cond: threading.Condition,
-                 wait_timeout_s: float | None = None) -> None:
-        self._device, self._loader, self._cond = device, loader, cond
+                 tally: ThreadTally, wait_timeout_s: float | None = None) -> None:
+        self._device, self._loader, self._cond, self._tally = device, loader, cond, tally
         self.wait_timeout_s = wait_timeout_s
         self.counts = TierStats()  # device-tier hits, misses, evictions
 
@@ -94,11 +95,13 @@ class Residency:
             slot = table.slot(key)
             if slot is not None:
                 self.counts.hits += 1
+                self._tally.add(hits=1)
                 table.pin(key)
                 if states[slot] is not SlotState.READY:
                     waits.append(key)
         for key in misses:
             self.counts.misses += 1
+            self._tally.add(misses=1)
             slot, evicted = table.insert(key)
             self.counts.evictions += evicted is not None
             states[slot] = SlotState.FILLING

@@ -71,7 +71,6 @@ class EngineCore:
         if self.budget.can_miss:
             scheduler_config = dataclasses.replace(scheduler_config, separate_full_rows=True)
         self.scheduler = Scheduler(scheduler_config, self.kv_slots, self.budget)
-        self.catalog = loaded.catalog
         self.async_paging = async_paging
         self.prefill_chunk_tokens = prefill_chunk_tokens if async_paging else 2**62
         self.pinner = AsyncPinner(runner.store, loader_threads, on_load_done)
@@ -217,15 +216,12 @@ class EngineCore:
         store = self.runner.store
         tiers = [store.tier_of(k) for k in keys]
         missing = [k for k, t in zip(keys, tiers, strict=True) if t != "device"]
-        seq.experts.misses += len(missing)
-        seq.experts.hits += len(keys) - len(missing)
-        seq.experts.bytes_loaded += sum(self.catalog.expert_bytes(k[0]) for k in missing)
         if seq.is_pool:
             seq.pool_source = max([seq.pool_source, *tiers], key=TIER_ORDER.__getitem__)
         if not missing or not self.async_paging:
             if seq.is_pool:  # hits only (unless async_paging is off): no read on this thread
-                store.acquire(keys)
-                self._pinned(seq, keys)
+                self.runner.pin(seq, keys)
+                self._pool_progress(seq, keys)
             if predicted:
                 store.prefetch(predicted)
             return True
@@ -235,8 +231,8 @@ class EngineCore:
             store.prefetch(predicted)
         return False
 
-    def _pinned(self, seq: Sequence, keys: list[ExpertKey]) -> None:
-        seq.pinned.extend(keys)
+    def _pool_progress(self, seq: Sequence, keys: list[ExpertKey]) -> None:
+        """``keys`` (one layer's pool) are pinned: the pool is resident once the last layer's are."""
         if keys and keys[0][0] == self.last_moe_layer and seq.times.scheduled is not None:
             self.metrics.pool_load.labels(source=seq.pool_source).observe(
                 max(0.0, time.monotonic() - seq.times.scheduled))
@@ -246,6 +242,10 @@ class EngineCore:
             load, seq.load = seq.load, None
             assert load is not None
             seq.status = SeqStatus.PREFILLING
+            t = load.traffic
+            seq.experts.hits += t.hits
+            seq.experts.misses += t.misses
+            seq.experts.bytes_loaded += t.bytes_loaded
             try:
                 keys = load.take()
             except SlotsExhausted as e:
@@ -259,7 +259,8 @@ class EngineCore:
                 self._fail([seq], f"loading the experts of layer {load.keys[0][0]} failed: "
                                   f"{type(e).__name__}: {e}")
                 continue
-            self._pinned(seq, keys)
+            seq.pinned.extend(keys)
+            self._pool_progress(seq, keys)
 
     def _back_off(self, seq: Sequence, error: SlotsExhausted) -> None:
         """A prefill could not pin its pool: start it over later when others are admitted (their

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
-from expert_cache.base import CacheStats, ExpertKey, ExpertStore
+from expert_cache.base import ExpertKey, ExpertStore
 from server.engine.sequence import Sequence
 from server.model.kv_cache import KVCache
 from server.model.model import PrefillState
@@ -33,9 +33,9 @@ def model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtyp
     raise ValueError("the model has no floating-point parameter to take its device and dtype from")
 
 
-def _traffic(stats: CacheStats) -> tuple[int, int, int]:
-    loaded = stats.bytes_loaded_from_host + stats.bytes_loaded_from_disk
-    return stats.device.hits, stats.device.misses, loaded
+def _traffic(store: ExpertStore) -> tuple[int, int, int]:
+    t = store.thread_traffic()  # this thread's alone: loader threads work at the same time
+    return t.hits, t.misses, t.bytes_loaded
 
 
 class ModelRunner:
@@ -56,12 +56,12 @@ class ModelRunner:
         if seq.slot is None:
             raise ValueError(f"request {seq.request_id}: prefill without a KV slot")
         ids = torch.tensor(seq.prompt_ids, dtype=torch.long, device=self.device)
-        before = _traffic(self.store.stats())
+        before = _traffic(self.store)
         out = self.model.prefill(ids, self.kv, seq.slot, pool_size=seq.pool_size,
                                  pin_pool=seq.is_pool,
                                  all_logits=seq.request.sampling.prompt_logprobs is not None)
         seq.pinned = list(out.pinned) if seq.is_pool else []  # first: release() must find them
-        after = _traffic(self.store.stats())
+        after = _traffic(self.store)
         seq.experts.hits += after[0] - before[0]
         seq.experts.misses += after[1] - before[1]
         seq.experts.bytes_loaded += after[2] - before[2]
@@ -88,6 +88,11 @@ class ModelRunner:
             return pool_keys
         return self.model.prefill_routed_keys(state)
 
+    def pin(self, seq: Sequence, keys: list[ExpertKey]) -> None:
+        """Pin ``keys`` for ``seq`` on this thread (resident ones: no read)."""
+        self._counted(seq, lambda: self.store.acquire(keys))
+        seq.pinned.extend(keys)
+
     def prefill_mlp(self, seq: Sequence, max_rows: int) -> int:
         state = self._state(seq)
         return self._counted(seq, lambda: self.model.prefill_mlp(state, max_rows))
@@ -110,9 +115,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _counted(self, seq: Sequence, work: Callable[[], T]) -> T:
-        before = _traffic(self.store.stats())
+        before = _traffic(self.store)
         out = work()
-        after = _traffic(self.store.stats())
+        after = _traffic(self.store)
         seq.experts.hits += after[0] - before[0]
         seq.experts.misses += after[1] - before[1]
         seq.experts.bytes_loaded += after[2] - before[2]
@@ -125,9 +130,9 @@ class ModelRunner:
         positions = torch.tensor([s.num_tokens - 1 for s in seqs], dtype=torch.long, device=self.device)
         slots = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=self.device)
         mask = self.pool_mask(seqs)
-        before = _traffic(self.store.stats())
+        before = _traffic(self.store)
         logits = self.model.decode(ids, positions, self.kv, slots, mask)
-        after = _traffic(self.store.stats())
+        after = _traffic(self.store)
         self._split(seqs, [a - b for a, b in zip(after, before, strict=True)])
         return logits
 
