@@ -9,12 +9,14 @@ l's loads and compute run. Full-routing prefills page the experts their tokens c
 way (without pinning them). The numbers are exactly the one-shot prefill's (see
 ``MoETransformer.prefill_mlp``).
 
-Failure handling. Failure isolation: an exception from the model or the sampler
-fails the requests of that step (finish_reason "error"), an exception while turning one row's
-token into output fails that request alone; either way their KV slots and expert pins are
-freed and the engine goes on. ``SlotsExhausted`` is not a failure but a back-off: a prefill is
-requeued (pool admission pauses until a running request ends), a decode is retried with the
-pool rows alone (their experts are pinned) while full-routing rows wait a step.
+Failure isolation: an exception from the model or the sampler fails the requests of that
+step (finish_reason "error"), an exception while turning one row's token into output fails that
+request alone; either way their KV slots and expert pins are freed and the engine goes on.
+``SlotsExhausted`` is not a failure but a back-off: a prefill is requeued (pool admission pauses
+until a running request ends), a decode is retried with the pool rows alone (their experts are
+pinned) while full-routing rows wait a step. A failed expert read fails the request that was
+loading it; a request that ends while LOADING abandons its load, which releases its own pins
+when it lands.
 """
 
 from __future__ import annotations
