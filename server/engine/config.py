@@ -54,8 +54,11 @@ class EngineConfig:
     ``max_wait_steps``: a request waiting longer than this many engine steps is served first.
     ``prefill_chunk_tokens``: the prefill work one engine step may do, in token rows (a layer's
     attention counts the prompt's length, each expert the tokens it serves; at least one unit
-    runs): between two such pieces the running streams decode. ``loader_threads``: threads that
-    page experts in for admitted requests, off the engine thread. ``async_paging`` False brings
+    runs): between two such pieces the running streams decode. ``prefill_share``: while requests
+    decode, a piece is also kept to about this fraction of a decode step's time (measured; 0 =
+    off), so streams' gaps stay within about (1 + share) x their usual size (engine/pace.py).
+    ``loader_threads``: threads that page experts in for admitted requests, off the engine
+    thread. ``async_paging`` False brings
     back the blocking behaviour (a prefill whole in one step, its pool read on the engine thread),
     for benchmarks to compare against."""
 
@@ -68,6 +71,7 @@ class EngineConfig:
     kv_cache_bytes: int | None = None
     max_wait_steps: int = 64
     prefill_chunk_tokens: int = 2048
+    prefill_share: float = 0.5
     loader_threads: int = 2
     async_paging: bool = True
 
@@ -76,6 +80,9 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"EngineConfig.{name}: must be an integer >= 1, got {value!r}")
+        if not (isinstance(self.prefill_share, int | float) and self.prefill_share >= 0):
+            raise ValueError(f"EngineConfig.prefill_share: must be a number >= 0, "
+                             f"got {self.prefill_share!r}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int)
                                                or self.max_model_len < 2):
             raise ValueError(f"EngineConfig.max_model_len: must be an integer >= 2 or None, "

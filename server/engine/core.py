@@ -1,7 +1,8 @@
 """One engine step at a time: schedule, run the model, sample, detokenize, emit.
 
 Runs on the engine thread only, and never waits for an expert to be read or copied: a prefill
-advances in bounded pieces (``prefill_chunk_tokens`` rows of work per step, layer by layer), and
+advances in bounded pieces (at most ``prefill_chunk_tokens`` rows of work, and about
+``prefill_share`` of a decode step's time: pace.py), layer by layer, and
 when a layer's pool is not resident the request is parked LOADING while loader threads
 (``expert_cache.async_loads``) pin it; meanwhile the running streams keep decoding. A finished
 load is picked up at the start of a step. Layer l+1's predicted pool is prefetched while layer
@@ -36,6 +37,7 @@ from server.engine.faults import is_fatal
 from server.engine.kv_slots import KVSlotAllocator
 from server.engine.metrics import EngineMetrics
 from server.engine.model_runner import ModelRunner
+from server.engine.pace import PrefillPace
 from server.engine.pool_budget import PoolBudget, PoolPredictor
 from server.engine.request import (
     ExpertPoolReport,
@@ -60,7 +62,8 @@ class EngineCore:
     def __init__(self, loaded: LoadedModel, runner: ModelRunner, scheduler_config: SchedulerConfig,
                  metrics: EngineMetrics, on_finished: Callable[[str], None], *,
                  prefill_chunk_tokens: int = 2048, loader_threads: int = 2,
-                 on_load_done: Callable[[], None] | None = None, async_paging: bool = True) -> None:
+                 on_load_done: Callable[[], None] | None = None, async_paging: bool = True,
+                 prefill_share: float = 0.5) -> None:
         self.config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.runner = runner
@@ -74,7 +77,8 @@ class EngineCore:
             scheduler_config = dataclasses.replace(scheduler_config, separate_full_rows=True)
         self.scheduler = Scheduler(scheduler_config, self.kv_slots, self.budget)
         self.async_paging = async_paging
-        self.prefill_chunk_tokens = prefill_chunk_tokens if async_paging else 2**62
+        self.pace = PrefillPace(prefill_chunk_tokens if async_paging else 2**62,
+                                prefill_share if async_paging else 0.0)
         self.pinner = AsyncPinner(runner.store, loader_threads, on_load_done)
         self.last_moe_layer = max(self.config.moe_layers, default=-1)
         self.predictor = PoolPredictor()
@@ -136,7 +140,9 @@ class EngineCore:
             self.update_gauges()
             return False
         if isinstance(step, Decode):
+            start = time.perf_counter()
             self._decode(step.seqs)
+            self.pace.decoded(time.perf_counter() - start)
         else:
             self._prefill(step.seq)
         self.update_gauges()
@@ -199,18 +205,22 @@ class EngineCore:
         more to do (or it is now LOADING)."""
         state = seq.prefill
         assert state is not None
-        budget = self.prefill_chunk_tokens
-        while not state.done:
-            if budget <= 0:
-                return None
-            if not state.attended:
-                keys = self.runner.prefill_attend(seq)
-                budget -= state.num_tokens
-                if keys and not self._make_resident(seq, keys, state.next_predicted):
+        budget = allowed = self.pace.budget(decoding=bool(self.scheduler.running))
+        start = time.perf_counter()
+        try:
+            while not state.done:
+                if budget <= 0:
                     return None
-                continue
-            budget -= self.runner.prefill_mlp(seq, budget)
-        return self.runner.prefill_finish(seq)
+                if not state.attended:
+                    keys = self.runner.prefill_attend(seq)
+                    budget -= state.num_tokens
+                    if keys and not self._make_resident(seq, keys, state.next_predicted):
+                        return None
+                    continue
+                budget -= self.runner.prefill_mlp(seq, budget)
+            return self.runner.prefill_finish(seq)
+        finally:
+            self.pace.prefilled(allowed - budget, time.perf_counter() - start)
 
     def _make_resident(self, seq: Sequence, keys: list[ExpertKey], predicted: list[ExpertKey]) -> bool:
         """True when ``keys`` are resident now (a pool: pinned for the request); else a loader

@@ -79,7 +79,7 @@ class Engine:
                                                                  max_wait_steps=config.max_wait_steps),
                                 self.metrics, self._forget, prefill_chunk_tokens=config.prefill_chunk_tokens,
                                 loader_threads=config.loader_threads, on_load_done=self._wake,
-                                async_paging=config.async_paging)
+                                async_paging=config.async_paging, prefill_share=config.prefill_share)
         self.default_pool: PoolSpec = self._resolve_default_pool()
         self._cond = threading.Condition()
         self._inbox: deque[tuple[GenerationRequest, OnOutput, int | None]] = deque()
