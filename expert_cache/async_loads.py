@@ -88,9 +88,10 @@ class AsyncPinner:
         else:
             load.future.cancel()  # not started yet: it never will (and pins nothing)
 
-    def close(self) -> None:
-        """Let running loads finish (abandoned ones release their pins), drop queued ones."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+    def close(self, wait: bool = True) -> None:
+        """Drop queued loads; let running ones finish (abandoned ones release their pins), and
+        with ``wait`` block until they have."""
+        self._pool.shutdown(wait=wait, cancel_futures=True)
 
     # ---- loader threads ----------------------------------------------------------------------
     def _submit(self, keys: list[ExpertKey], pins: bool,

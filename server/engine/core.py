@@ -113,9 +113,11 @@ class EngineCore:
     def has_work(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.prefilling or self.scheduler.running)
 
-    def close(self) -> None:
-        """Stop the loader threads (after abort_all: abandoned loads release their pins)."""
-        self.pinner.close()
+    def close(self, wait: bool = True) -> None:
+        """Stop the loader threads (after abort_all: abandoned loads release their pins as they
+        land). ``wait`` False: do not wait for reads in flight (a dying engine must not hang
+        on a stuck disk)."""
+        self.pinner.close(wait)
 
     # ---- one step --------------------------------------------------------------------------
     def step(self) -> bool:
@@ -268,8 +270,9 @@ class EngineCore:
                     raise
                 log.warning("loading experts of layer %d for %s failed: %s", load.keys[0][0],
                             seq.request_id, e)
-                self._fail([seq], f"loading the experts of layer {load.keys[0][0]} failed: "
-                                  f"{type(e).__name__}: {e}")
+                # the exception's name first, as for step failures: the API maps some to codes
+                self._fail([seq], f"{type(e).__name__}: {e} (while loading the experts of layer "
+                                  f"{load.keys[0][0]})")
                 continue
             seq.pinned.extend(keys)
             self._pool_progress(seq, keys)

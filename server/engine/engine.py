@@ -301,7 +301,7 @@ class Engine:
                 self._core.reject(seq.request, seq.on_output, RuntimeError(message))
         self._answer_inbox(message)
         try:
-            self._core.close()  # abandoned loads release their pins as they land
+            self._core.close(wait=False)  # abandoned loads release their pins as they land
         except Exception:  # noqa: BLE001
             log.exception("stopping the expert loader threads raised")
         for listener in self._death_listeners:
