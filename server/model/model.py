@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -11,10 +11,12 @@ from torch import nn
 from expert_cache.base import ExpertKey, ExpertStore
 from server.model.attention import Attention, decode_mask
 from server.model.config import ModelConfig
+from server.model.decode_step import DecodeStep, attend_bucket
 from server.model.kv_cache import KVCache
-from server.model.layers import RMSNorm, SwiGLU, frozen
+from server.model.layers import RMSNorm, SwiGLU, as_float, frozen
 from server.model.moe import MoEBlock
-from server.model.pool import pool_mask, pool_scores, select_pool
+from server.model.pool import pool_mask, pool_scores, routable_index, select_pool
+from server.model.resident import ResidentExpertStore
 from server.model.rope import RotaryEmbedding
 from server.model.weights import build_layer_modules
 
@@ -24,6 +26,7 @@ class PrefillOutput:
     logits: torch.Tensor  # float32 [T, V] (all_logits) or [1, V]
     pools: list[torch.Tensor | None] | None  # per layer sorted pool ids; None: dense / full routing
     pinned: list[ExpertKey]  # pin_pool=True: pins the caller owns and must release
+    pinned_slots: list[int] = field(default_factory=list)  # the slab slot of each pinned key
 
 
 class DecoderLayer(nn.Module):
@@ -53,6 +56,12 @@ class MoETransformer(nn.Module):
         self.layers = nn.ModuleList(self.decoder_layers)
         self.rope = RotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings)
         self.rope.to(self.embed.device)
+        # Decode through DecodeStep (slot tables, no store calls, static shapes) wherever the
+        # experts a row may pick are on the device for the whole request: pool rows (pinned at
+        # prefill) and every row of a resident store. False: always the eager paging path.
+        self.fast_decode = True
+        self._step: DecodeStep | None = None
+        self._resident_table: torch.Tensor | None = None
 
     @property
     def device(self) -> torch.device:
@@ -62,8 +71,8 @@ class MoETransformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed.dtype
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.norm(x), self.lm_head).float()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return as_float(F.linear(self.norm(x), self.lm_head))
 
     @torch.inference_mode()
     def prefill(
@@ -87,6 +96,7 @@ class MoETransformer(nn.Module):
         x = F.embedding(input_ids.to(self.device), self.embed)  # [T, H]
         pools: list[torch.Tensor | None] | None = None if pool_size is None else []
         pinned: list[ExpertKey] = []
+        pinned_slots: list[int] = []
         try:
             for index, layer in enumerate(self.decoder_layers):
                 h = x + layer.attn.prefill(layer.attn_norm(x), cos, sin, kv, slot)
@@ -104,17 +114,17 @@ class MoETransformer(nn.Module):
                     pools.append(pool)
                     if pin_pool:
                         keys = [(index, e) for e in pool.tolist()]
-                        self.expert_store.acquire(keys)
+                        pinned_slots.extend(self.expert_store.acquire_slots(keys))
                         pinned.extend(keys)
                     allowed = pool_mask(pool, mlp.spec, mlp.spec.num_experts)[None, :]
                     self._prefetch_next(index, h, pool_size)
                 x = h + mlp(normed, logits, allowed)
-            logits_out = self._logits(x if all_logits else x[-1:])
+            logits_out = self.logits(x if all_logits else x[-1:])
         except BaseException:
             if pinned:
                 self.expert_store.release(pinned)
             raise
-        return PrefillOutput(logits_out, pools, pinned)
+        return PrefillOutput(logits_out, pools, pinned, pinned_slots)
 
     def _prefetch_next(self, index: int, h: torch.Tensor, pool_size: int) -> None:
         """Hint the store with the next MoE layer's likely pool: its router on this layer's
@@ -135,8 +145,14 @@ class MoETransformer(nn.Module):
         kv: KVCache,
         slots: torch.Tensor,
         pool_mask: torch.Tensor | None,
+        slot_tables: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One token per row; returns float32 logits [B, V]."""
+        """One token per row; returns float32 logits [B, V].
+
+        With ``fast_decode`` this runs the DecodeStep when the rows' experts stay on the device:
+        ``slot_tables`` [B, L, E_max] int32 given (rows whose pools were pinned at prefill), or a
+        resident store (tables made from ``pool_mask``). Otherwise the eager path pages experts
+        in through the store (full routing on a partial device tier)."""
         B = int(input_ids.shape[0])
         if positions.shape != (B,) or slots.shape != (B,) or B == 0:
             raise ValueError(
@@ -148,6 +164,8 @@ class MoETransformer(nn.Module):
                 f"pool_mask must be [B, L, E_max] = [{B}, {self.config.num_layers}, "
                 f"{self.config.max_experts}], got {tuple(pool_mask.shape)}"
             )
+        if self.fast_decode and (slot_tables is not None or self.resident_table() is not None):
+            return self._decode_step(input_ids, positions, kv, slots, pool_mask, slot_tables)
         positions, slots = positions.to(self.device), slots.to(self.device)
         attend_len = int(positions.max()) + 1
         kv.check_positions(attend_len - 1)
@@ -163,7 +181,68 @@ class MoETransformer(nn.Module):
                 x = h + layer.mlp(normed, allowed=allowed)
             else:
                 x = h + layer.mlp(normed)
-        return self._logits(x)
+        return self.logits(x)
+
+    def _decode_step(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache, slots: torch.Tensor,
+                     pool_mask: torch.Tensor | None, slot_tables: torch.Tensor | None) -> torch.Tensor:
+        if slot_tables is None:
+            slot_tables = self.tables_from_mask(pool_mask, int(input_ids.shape[0]))
+        step = self.decode_step(kv)
+        step.check(int(input_ids.shape[0]), slot_tables)
+        # positions are host values for every caller that cares (the engine): no device sync
+        attend_len = attend_bucket(int(positions.max()) + 1, kv.max_len)
+        return step(input_ids.to(self.device), positions.to(self.device), slots.to(self.device),
+                    slot_tables.to(self.device), attend_len)
+
+    def decode_step(self, kv: KVCache) -> DecodeStep:
+        """The DecodeStep over ``kv`` (made once per cache)."""
+        if self._step is None or self._step.kv is not kv:
+            self._step = DecodeStep(self, kv)
+        return self._step
+
+    def resident_table(self) -> torch.Tensor | None:
+        """int32 [L, E_max]: the slot table of full routing when every expert stays on the
+        device (a ResidentExpertStore: slots fixed at load); None when the store pages."""
+        store = self.expert_store
+        if not isinstance(store, ResidentExpertStore):
+            return None
+        if self._resident_table is None:
+            keys = [(layer, e) for layer in self.config.moe_layers
+                    for e in self.config.routable_experts(layer)]
+            slots = dict(zip(keys, store.slots_of(keys), strict=True))
+            self._resident_table = self.slot_table_row(None, slots)
+        return self._resident_table
+
+    def slot_table_row(self, pools: list[torch.Tensor | None] | None,
+                       slot_of: dict[ExpertKey, int]) -> torch.Tensor:
+        """int32 [L, E_max] on the device for one sequence: ``slot_of[(l, e)]`` for each routable
+        expert it may pick (its pool, or every routable expert when ``pools`` is None), -1 for
+        the routable experts outside its pool, 0 for fixed experts and padding."""
+        L, width = self.config.num_layers, self.config.max_experts
+        if pools is not None and len(pools) != L:
+            raise ValueError(f"pools must have one entry per layer ({L}), got {len(pools)}")
+        table = torch.zeros(L, width, dtype=torch.int32)
+        for layer in self.config.moe_layers:
+            pool = None if pools is None else pools[layer]
+            allowed = self.config.routable_experts(layer) if pool is None else pool.tolist()
+            table[layer, self.config.routable_experts(layer)] = -1
+            table[layer, allowed] = torch.tensor([slot_of[(layer, e)] for e in allowed], dtype=torch.int32)
+        return table.to(self.device)
+
+    def tables_from_mask(self, pool_mask: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """[B, L, E_max] slot tables of a resident store from pool masks (see ``decode``)."""
+        full = self.resident_table()
+        if full is None:
+            raise ValueError("slot tables from pool masks need a resident expert store")
+        if pool_mask is None:
+            return full.expand(batch, -1, -1)
+        routable = torch.zeros_like(full, dtype=torch.bool)
+        for layer in self.config.moe_layers:
+            mlp = self.decoder_layers[layer].mlp
+            assert isinstance(mlp, MoEBlock)
+            routable[layer, routable_index(mlp.spec, self.device)] = True
+        keep = pool_mask.to(self.device) | ~routable  # fixed experts are never masked
+        return torch.where(keep, full, torch.full_like(full, -1))
 
     def pool_mask_row(self, pools: list[torch.Tensor | None] | None) -> torch.Tensor:
         """[L, E_max] bool for one sequence: its pools (from prefill), all True for full routing."""
