@@ -44,6 +44,10 @@ class ModelRunner:
         self.kv = KVCache(self.config, num_slots, max_len, self.device, kv_dtype or self.dtype)
         self.num_layers = self.config.num_layers
         self.max_experts = max(self.config.num_experts)
+        if self.device.type == "cuda" and self.model.fast_decode:
+            # decode steps of rows whose experts stay on the device replay CUDA graphs, captured
+            # here at start-up per batch bucket; the CPU runs the same step eagerly
+            self.model.capture_decode_graphs(self.kv, num_slots)
 
     @torch.inference_mode()
     def prefill(self, seq: Sequence) -> torch.Tensor:
@@ -64,17 +68,27 @@ class ModelRunner:
         if seq.is_pool:
             seq.pools = list(out.pools) if out.pools is not None else None
             seq.pool_mask = self.model.pool_mask_row(seq.pools).to(self.device)  # [L, E_max]
+            seq.slot_table = self.model.slot_table_row(seq.pools, dict(zip(out.pinned, out.pinned_slots,
+                                                                           strict=True)))
+        else:  # full routing: a fixed table when nothing pages, else the eager paging path
+            seq.slot_table = self.model.resident_table()
         return out.logits
 
     @torch.inference_mode()
     def decode(self, seqs: Seq[Sequence]) -> torch.Tensor:
         """One token for every row: float32 logits [B, V]."""
-        ids = torch.tensor([s.last_token for s in seqs], dtype=torch.long, device=self.device)
-        positions = torch.tensor([s.num_tokens - 1 for s in seqs], dtype=torch.long, device=self.device)
-        slots = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=self.device)
-        mask = self.pool_mask(seqs)
+        # host tensors: the model moves them with one copy each (or its graphs take them as
+        # values); positions stay readable on the host without a device sync
+        ids = torch.tensor([s.last_token for s in seqs], dtype=torch.long)
+        positions = torch.tensor([s.num_tokens - 1 for s in seqs], dtype=torch.long)
+        slots = torch.tensor([s.slot for s in seqs], dtype=torch.long)
+        tables = [s.slot_table for s in seqs if s.slot_table is not None]
+        # every row's experts stay on the device: the static step, no pool mask, no store calls
+        fast = self.model.fast_decode and len(tables) == len(seqs)
+        mask = None if fast else self.pool_mask(seqs)
         before = _traffic(self.store.stats())
-        logits = self.model.decode(ids, positions, self.kv, slots, mask)
+        logits = self.model.decode(ids, positions, self.kv, slots, mask,
+                                   slot_tables=torch.stack(tables) if fast else None)
         after = _traffic(self.store.stats())
         self._split(seqs, [a - b for a, b in zip(after, before, strict=True)])
         return logits

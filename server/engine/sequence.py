@@ -51,6 +51,9 @@ class Sequence:
     slot: int | None = None  # KV slot while running
     pools: list[torch.Tensor | None] | None = None  # per layer, from prefill (pool requests)
     pool_mask: torch.Tensor | None = None  # [L, E_max] bool on the device (pool requests)
+    # int32 [L, E_max] on the device: slab slot per expert id while the request runs (pool
+    # rows: their pinned pool; full routing: set only when every expert stays resident)
+    slot_table: torch.Tensor | None = None
     pinned: list[ExpertKey] = field(default_factory=list)  # released exactly once at the end
     predicted_keys: list[ExpertKey] | None = None  # guess of the pool, for scheduling only
     waited_steps: int = 0  # scheduler steps spent waiting (starvation bound)

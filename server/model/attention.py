@@ -137,12 +137,14 @@ class Attention(nn.Module):
         qkv = apply_rope_rolled(qkv, cos, signed_sin)
         # q [B, h, 1, D], new_kv [B, 2kv, 1, D]
         q, new_kv = qkv.split_with_sizes([self.heads, 2 * self.kv_heads], dim=1)
-        kv.heads[self.layer].index_put_(write_index, new_kv)
+        kv.heads[self.layer].index_put_(write_index, new_kv if kv.dtype == x.dtype else new_kv.to(kv.dtype))
         cache = kv.kv[self.layer]
         if attend_len != kv.max_len:
             cache = cache[:, :, :, :attend_len]
         # the one copy left: each row's K/V prefix (attend_len positions), see docs/decode-step.md
         keys, values = cache.index_select(0, kv_slots).unbind(1)  # [B, kv, S, D] each
+        if kv.dtype != x.dtype:
+            keys, values = keys.to(x.dtype), values.to(x.dtype)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible,
                                              enable_gqa=self.kv_heads != self.heads)  # [B, h, 1, D]
         out = torch.einsum("bhqd,ohd->bo", out, self.o_heads)

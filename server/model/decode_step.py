@@ -121,18 +121,3 @@ class DecodeStep:
         if tuple(slot_tables.shape) != expected or slot_tables.dtype != torch.int32:
             raise ValueError(f"slot_tables must be int32 {list(expected)}, got {slot_tables.dtype} "
                              f"{list(slot_tables.shape)}")
-
-    def run(self, token_ids: list[int], positions: list[int], kv_slots: list[int],
-            slot_tables: list[torch.Tensor]) -> torch.Tensor:
-        """One eager step from host values (what the engine knows): the inputs go to the device
-        in one copy, ``attend_len`` is the bucket of the longest row."""
-        B = len(token_ids)
-        if not B or not len(positions) == len(kv_slots) == len(slot_tables) == B:
-            raise ValueError("decode step: token_ids, positions, kv_slots and slot_tables must be "
-                             "non-empty and of one length")
-        attend_len = attend_bucket(max(positions) + 1, self.kv.max_len)
-        host = torch.tensor([token_ids, positions, kv_slots], dtype=torch.int64)
-        inputs = host.to(self.model.device, non_blocking=True)
-        tables = torch.stack(slot_tables)
-        self.check(B, tables)
-        return self(inputs[0], inputs[1], inputs[2], tables, attend_len)

@@ -11,6 +11,7 @@ from torch import nn
 from expert_cache.base import ExpertKey, ExpertStore
 from server.model.attention import Attention, decode_mask
 from server.model.config import ModelConfig
+from server.model.decode_graphs import GraphedDecode
 from server.model.decode_step import DecodeStep, attend_bucket
 from server.model.kv_cache import KVCache
 from server.model.layers import RMSNorm, SwiGLU, as_float, frozen
@@ -61,6 +62,7 @@ class MoETransformer(nn.Module):
         # prefill) and every row of a resident store. False: always the eager paging path.
         self.fast_decode = True
         self._step: DecodeStep | None = None
+        self._graphs: GraphedDecode | None = None
         self._resident_table: torch.Tensor | None = None
 
     @property
@@ -166,9 +168,9 @@ class MoETransformer(nn.Module):
             )
         if self.fast_decode and (slot_tables is not None or self.resident_table() is not None):
             return self._decode_step(input_ids, positions, kv, slots, pool_mask, slot_tables)
-        positions, slots = positions.to(self.device), slots.to(self.device)
-        attend_len = int(positions.max()) + 1
+        attend_len = int(positions.max()) + 1  # the engine passes host tensors: no device sync
         kv.check_positions(attend_len - 1)
+        positions, slots = positions.to(self.device), slots.to(self.device)
         cos, sin = self.rope(positions, positions + 1, self.dtype)
         x = F.embedding(input_ids.to(self.device), self.embed)  # [B, H]
         mask = None if pool_mask is None else pool_mask.to(self.device)
@@ -185,10 +187,15 @@ class MoETransformer(nn.Module):
 
     def _decode_step(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache, slots: torch.Tensor,
                      pool_mask: torch.Tensor | None, slot_tables: torch.Tensor | None) -> torch.Tensor:
+        B = int(input_ids.shape[0])
         if slot_tables is None:
-            slot_tables = self.tables_from_mask(pool_mask, int(input_ids.shape[0]))
+            slot_tables = self.tables_from_mask(pool_mask, B)
+        graphs = self._graphs
+        if graphs is not None and graphs.step.kv is kv and graphs.buckets[-1] >= B:
+            return graphs.run(input_ids.tolist(), positions.tolist(), slots.tolist(),
+                              slot_tables.to(self.device))
         step = self.decode_step(kv)
-        step.check(int(input_ids.shape[0]), slot_tables)
+        step.check(B, slot_tables)
         # positions are host values for every caller that cares (the engine): no device sync
         attend_len = attend_bucket(int(positions.max()) + 1, kv.max_len)
         return step(input_ids.to(self.device), positions.to(self.device), slots.to(self.device),
@@ -199,6 +206,11 @@ class MoETransformer(nn.Module):
         if self._step is None or self._step.kv is not kv:
             self._step = DecodeStep(self, kv)
         return self._step
+
+    def capture_decode_graphs(self, kv: KVCache, max_batch: int, compile_step: bool = False) -> None:
+        """CUDA: capture the decode step over ``kv`` as graphs for batches up to ``max_batch``;
+        ``decode`` replays them from then on. Refused on other devices."""
+        self._graphs = GraphedDecode(self.decode_step(kv), max_batch, compile_step=compile_step)
 
     def resident_table(self) -> torch.Tensor | None:
         """int32 [L, E_max]: the slot table of full routing when every expert stays on the
