@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from server.bench.config import DecodeBenchConfig, scenarios
+from server.bench.decode_step import measure_decode_step
 from server.bench.parity import bf16_parity
 from server.bench.reference import hf_reference
 from server.bench.report import BenchResult, write_all
@@ -83,6 +84,9 @@ def run_decode_bench(
         result.rows.append(run_scenario(cfg, sc, model_dir, log))
     if pools:
         result.targets = check_targets(result.rows, pools[0], cfg.pinned_gb_s)
+    log("decode step: ops per layer, host syncs, fullgraph")
+    result.decode_step = measure_decode_step(model_dir, cfg.device, cfg.dtype, pools[0] if pools else None,
+                                             fullgraph=cfg.fullgraph)
     reference = hf_reference(cfg, model_dir)
     if reference.skipped is None:
         result.rows.append(reference)

@@ -190,16 +190,20 @@ class MoETransformer(nn.Module):
         B = int(input_ids.shape[0])
         if slot_tables is None:
             slot_tables = self.tables_from_mask(pool_mask, B)
+        # positions are host tensors for every caller that cares (the engine): reading them is
+        # no device sync
+        host_positions = positions.tolist()
         graphs = self._graphs
         if graphs is not None and graphs.step.kv is kv and graphs.buckets[-1] >= B:
-            return graphs.run(input_ids.tolist(), positions.tolist(), slots.tolist(),
-                              slot_tables.to(self.device))
+            return graphs.run(input_ids.tolist(), host_positions, slots.tolist(), self._here(slot_tables))
         step = self.decode_step(kv)
         step.check(B, slot_tables)
-        # positions are host values for every caller that cares (the engine): no device sync
-        attend_len = attend_bucket(int(positions.max()) + 1, kv.max_len)
-        return step(input_ids.to(self.device), positions.to(self.device), slots.to(self.device),
-                    slot_tables.to(self.device), attend_len)
+        attend_len = attend_bucket(max(host_positions) + 1, kv.max_len)
+        return step(self._here(input_ids), self._here(positions), self._here(slots), self._here(slot_tables),
+                    attend_len)
+
+    def _here(self, t: torch.Tensor) -> torch.Tensor:
+        return t if t.device == self.device else t.to(self.device)
 
     def decode_step(self, kv: KVCache) -> DecodeStep:
         """The DecodeStep over ``kv`` (made once per cache)."""
