@@ -71,11 +71,15 @@ class PoolRow:
     """One prefilled pool row ready to decode: inputs of ``model.decode`` for its next tokens."""
 
     def __init__(self, loaded: LoadedModel, pool: int | None, prompt_tokens: int = PROMPT_TOKENS,
-                 extra: int = 64) -> None:
+                 extra: int = 64, *, kv: KVCache | None = None, slot: int = 0, seed: int = 0) -> None:
+        """A prompt of ``prompt_tokens`` ids (varied by ``seed``) prefilled into KV slot ``slot``
+        of ``kv`` (default: a cache of its own with room for ``extra`` decoded tokens)."""
         self.model, config = loaded.model, loaded.config
-        self.kv = KVCache(config, 1, prompt_tokens + extra, self.model.device, self.model.dtype)
-        ids = torch.arange(prompt_tokens, device=self.model.device) % config.vocab_size
-        out = self.model.prefill(ids, self.kv, 0, pool_size=pool, pin_pool=pool is not None)
+        self.kv = kv or KVCache(config, 1, prompt_tokens + extra, self.model.device, self.model.dtype)
+        self.slot = slot
+        ids = torch.arange(prompt_tokens, device=self.model.device) * (seed + 1) + 7 * seed
+        ids = ids % config.vocab_size
+        out = self.model.prefill(ids, self.kv, slot, pool_size=pool, pin_pool=pool is not None)
         self.pinned = out.pinned
         table = self.model.resident_table()
         if pool is not None:
@@ -88,8 +92,8 @@ class PoolRow:
 
     def inputs(self) -> tuple[torch.Tensor, torch.Tensor, KVCache, torch.Tensor, None, torch.Tensor]:
         """``model.decode``'s arguments for the row's next token (host tensors, as the engine)."""
-        return (torch.tensor([self.token]), torch.tensor([self.position]), self.kv, torch.tensor([0]), None,
-                self.table[None])
+        return (torch.tensor([self.token]), torch.tensor([self.position]), self.kv, torch.tensor([self.slot]),
+                None, self.table[None])
 
     def step(self, counter: OpCounter | None = None) -> torch.Tensor:
         """Decode the next token (greedy); ``counter`` counts the model's ops alone."""
@@ -154,7 +158,7 @@ def check_fullgraph(row: PoolRow) -> tuple[bool, str]:
     step = model.decode_step(kv)
     device = model.device
     args = (torch.tensor([row.token], device=device), torch.tensor([row.position], device=device),
-            torch.tensor([0], device=device), row.table[None])
+            torch.tensor([row.slot], device=device), row.table[None])
     attend_len = kv.max_len
     backend = "inductor" if device.type == "cuda" else "aot_eager"
     torch._dynamo.reset()

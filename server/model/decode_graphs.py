@@ -47,8 +47,11 @@ class GraphedDecode:
         self.buckets = batch_buckets(max_batch)
         largest = self.buckets[-1]
         self.host = torch.zeros(largest, 3, dtype=torch.int64).pin_memory()  # ids, positions, KV slots
-        self.inputs = torch.zeros(largest, 3, dtype=torch.int64, device=device)
-        # zeros: slot 0 of every slab, KV slot 0 at position 0 (nothing is running at start-up)
+        # warm-up and capture run on token 0 at the last cache position of KV slot 0, which no
+        # live sequence reads again (a row writes a position before it attends to it, and none
+        # decodes past the last), and on slot 0 of every slab (zero tables)
+        self.host[:, 1] = step.kv.max_len - 1
+        self.inputs = self.host.to(device)
         shape = (largest, step.num_layers, step.max_experts)
         self.tables = torch.zeros(shape, dtype=torch.int32, device=device)
         run: Callable[..., torch.Tensor] = step

@@ -53,16 +53,22 @@ def test_json_has_every_scenario_with_its_numbers(bench_run: tuple[Path, str]) -
     assert parity["prompt_tokens"] == 12 and parity["pool"] == 8
     assert 0.0 <= parity["greedy_agreement"] <= 1.0 and 0.0 <= parity["max_abs_diff"] < parity["logit_scale"]
     assert any("Hugging Face reference skipped" in n for n in report["notes"])
+    step = report["decode_step"]
+    assert step["device"] == "cpu" and step["fullgraph"] is True and step["host_syncs_per_token"] is None
+    assert 0 < step["ops_per_layer"] <= 40 and "pool 8" in step["counted_on"]
 
 
 def test_markdown_table_is_well_formed(bench_run: tuple[Path, str]) -> None:
     _, text = bench_run
-    table = [line for line in text.splitlines() if line.startswith("|")]
+    tables = [block.splitlines() for block in text.split("\n\n") if block.startswith("|")]
+    table, step = tables  # the scenarios, then the decode step
     header, rule, rows = table[0], table[1], table[2:]
     columns = header.count("|")
     assert "b1 tok/s" in header and "x4 tok/s" in header and "TTFT cold s" in header
     assert rule.count("|") == columns and len(rows) == 6
     assert all(row.count("|") == columns for row in rows)
+    assert step[0].startswith("| decode step on | fullgraph | ops / layer / token | host syncs / token |")
+    assert len(step) == 3 and step[2].startswith("| cpu | yes (aot_eager) |")
     assert "bf16 vs fp32 on cpu" in text
 
 
