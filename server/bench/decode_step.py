@@ -80,7 +80,7 @@ class PoolRow:
         ids = torch.arange(prompt_tokens, device=self.model.device) * (seed + 1) + 7 * seed
         ids = ids % config.vocab_size
         out = self.model.prefill(ids, self.kv, slot, pool_size=pool, pin_pool=pool is not None)
-        self.pinned = out.pinned
+        self.pinned, self.pools = out.pinned, out.pools
         table = self.model.resident_table()
         if pool is not None:
             table = self.model.slot_table_row(out.pools, dict(zip(out.pinned, out.pinned_slots, strict=True)))

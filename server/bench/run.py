@@ -78,6 +78,8 @@ def run_decode_bench(
         f"x{cfg.concurrency} tok/s = all generated tokens / (last token - first submit), prefills included; "
         f"b1 tok/s and TTFT warm: best of {cfg.repeats} runs",
         "TTFT cold: the prompt's experts flushed off the device tier, held in host RAM",
+        "hit rate = device hits / (hits + misses) of the store's acquires: pool rows decode from the slots "
+        "pinned at admission without acquiring, so for pools it is the prefills' hit rate",
     ]
     for sc in scenarios(cfg, pools):
         log(f"scenario {sc.name}")
