@@ -9,6 +9,7 @@ and rows sharing a batch share its loads.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence as Seq
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,8 @@ from server.model.kv_cache import KVCache
 
 if TYPE_CHECKING:
     from server.model.loader import LoadedModel
+
+log = logging.getLogger("emo_serve.engine")
 
 
 def model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -47,7 +50,11 @@ class ModelRunner:
         if self.device.type == "cuda" and self.model.fast_decode:
             # decode steps of rows whose experts stay on the device replay CUDA graphs, captured
             # here at start-up per batch bucket; the CPU runs the same step eagerly
-            self.model.capture_decode_graphs(self.kv, num_slots)
+            try:
+                self.model.capture_decode_graphs(self.kv, num_slots)
+            except Exception:  # noqa: BLE001 - serve without graphs rather than not at all
+                log.exception("CUDA graph capture of the decode step failed; decoding without graphs")
+                torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
     def prefill(self, seq: Sequence) -> torch.Tensor:
