@@ -54,7 +54,7 @@ class ModelRunner:
         ids = torch.tensor(seq.prompt_ids, dtype=torch.long, device=self.device)
         before = _traffic(self.store.stats())
         out = self.model.prefill(ids, self.kv, seq.slot, pool_size=seq.pool_size,
-                                 pin_pool=seq.is_pool,
+                                 pin_pool=seq.is_pool, given_pools=seq.given_pools,
                                  all_logits=seq.request.sampling.prompt_logprobs is not None)
         seq.pinned = list(out.pinned) if seq.is_pool else []  # first: release() must find them
         after = _traffic(self.store.stats())

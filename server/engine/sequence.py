@@ -50,6 +50,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     slot: int | None = None  # KV slot while running
     pools: list[torch.Tensor | None] | None = None  # per layer, from prefill (pool requests)
+    given_pools: list[torch.Tensor | None] | None = None  # a named pool: prefill uses it as is
     pool_mask: torch.Tensor | None = None  # [L, E_max] bool on the device (pool requests)
     pinned: list[ExpertKey] = field(default_factory=list)  # released exactly once at the end
     predicted_keys: list[ExpertKey] | None = None  # guess of the pool, for scheduling only
