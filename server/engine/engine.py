@@ -190,7 +190,9 @@ class Engine:
             mc.validate_pool_size(size)
         except ValueError as e:
             raise RequestError(str(e), "size") from None
-        why = self._core.budget.misfit(size)
+        # a pool is served later, maybe once other pools are no longer resident: only a pool
+        # larger than the whole device tier can never be served here
+        why = self._core.budget.misfit(size, beside_resident=False)
         if why is not None:
             raise RequestError(why, "size", "expert_pool_too_large")
         for i, ids in enumerate(examples):

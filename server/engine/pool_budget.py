@@ -67,13 +67,15 @@ class PoolBudget:
         """How many of ``keys`` fall in each slab group."""
         return [sum(1 for k in keys if k[0] in g.layers) for g in self.groups]
 
-    def misfit(self, pool_size: int, keys: Sequence[ExpertKey] | None = None) -> str | None:
+    def misfit(self, pool_size: int, keys: Sequence[ExpertKey] | None = None,
+               beside_resident: bool = True) -> str | None:
         """Why a pool of this size (of exactly ``keys`` when known) can never be pinned on this
-        device tier next to the resident pools, or None if it can."""
+        device tier (next to the resident pools unless ``beside_resident`` is False), or None."""
+        resident = self.resident if beside_resident else frozenset()
         need = self.need(pool_size)
         if keys is not None:
-            need = [n - s for n, s in zip(need, self.held(self.resident & frozenset(keys)), strict=True)]
-        for g, n, held in zip(self.groups, need, self.held(self.resident), strict=True):
+            need = [n - s for n, s in zip(need, self.held(resident & frozenset(keys)), strict=True)]
+        for g, n, held in zip(self.groups, need, self.held(resident), strict=True):
             cap = self.store.capacity(g.rep)
             if n > cap - held:
                 pinned = f", {held} of them held by pinned pools" if held else ""
