@@ -99,9 +99,10 @@ class PoolRegistry:
         return self.directory / f"{name}.json"
 
     def load(self, engine: Engine) -> None:
-        """Every valid pool file of the directory (created when missing). Files that fail are
-        skipped with a warning naming the file and the reason."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        """Every valid pool file of the directory (none when it does not exist yet: the first
+        save creates it). Files that fail are skipped with a warning naming the file and why."""
+        if not self.directory.is_dir():
+            return
         for path in sorted(self.directory.glob("*.json")):
             try:
                 record = PoolRecord.from_file(json.loads(path.read_text(encoding="utf-8")), self.fingerprint)
