@@ -20,7 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from prometheus_client import CollectorRegistry
@@ -237,7 +237,7 @@ class Engine:
         """Why these pools cannot all be resident together (with the numbers), or None."""
         return self.resident.check_fit({p.name: p.keys for p in pools})
 
-    def _control(self, job: ControlJob) -> Future:  # type: ignore[type-arg]
+    def _control(self, job: ControlJob) -> Future[Any]:
         with self._cond:
             if self._dead or self._stopping:
                 raise EngineShutdown("the engine is shutting down" if not self._dead
@@ -343,6 +343,8 @@ class Engine:
         return True
 
     def _run_jobs(self) -> None:
+        if not self._jobs:  # the common case, without taking the lock
+            return
         with self._cond:
             jobs, self._jobs = self._jobs, deque()
         waiting: list[ControlJob] = []

@@ -169,8 +169,11 @@ def test_concurrent_requests_on_different_named_pools(live: LiveServer) -> None:
     assert pools["c-law"]["experts"] != pools["c-code"]["experts"]
     before = {name: live.metric("emo_serve_pool_requests_total", {"pool": name}) for name in pools}
     jobs = [(name, prompt) for name in pools for prompt in (LAW[1], CODE[1], MUSIC)] * 2
-    with ThreadPoolExecutor(len(jobs)) as ex:
-        replies = list(ex.map(lambda job: complete(live, f"tiny:{job[0]}", job[1], max_tokens=16), jobs))
+    with ThreadPoolExecutor(len(jobs) + 1) as ex:
+        replies = [ex.submit(complete, live, f"tiny:{name}", prompt, max_tokens=16) for name, prompt in jobs]
+        made = ex.submit(create, live, "c-music", [MUSIC])  # computed between the others' steps
+        replies = [r.result() for r in replies]
+        assert made.result()["experts"] == complete(live, "tiny", MUSIC).json()["expert_pool"]["experts"]
     for (name, _), r in zip(jobs, replies, strict=True):
         assert r.status_code == 200, r.text
         assert r.json()["expert_pool"]["experts"] == pools[name]["experts"]
