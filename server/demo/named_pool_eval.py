@@ -47,7 +47,8 @@ class DomainLosses:
     docs: int = 0
 
     def loss(self, column: str) -> float:
-        return self.nll[column] / max(self.tokens[column], 1)
+        """NaN when nothing was scored (a domain with one document has no "same" pool)."""
+        return self.nll[column] / self.tokens[column] if self.tokens[column] else math.nan
 
     def source_loss(self, source: str) -> float:
         nll, tokens = self.by_source[source]
@@ -118,15 +119,20 @@ def markdown(results: dict[str, DomainLosses], size: int, routable: int, prefix:
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for domain, row in results.items():
         own = row.loss("own")
-        worst = max(row.by_source, key=row.source_loss)
+        worst = max(row.by_source, key=row.source_loss, default=None)
+        worst_loss = math.nan if worst is None else row.source_loss(worst)
         lines.append(
-            f"| {domain} | {row.docs} | {row.loss('full'):.3f} | {own:.3f} | {row.loss('same'):.3f} | "
-            f"{_pct(row.loss('same'), own)} | {row.loss('other'):.3f} | {_pct(row.loss('other'), own)} | "
-            f"{worst} {row.source_loss(worst):.3f} | {_pct(row.source_loss(worst), own)} |")
+            f"| {domain} | {row.docs} | {row.loss('full'):.3f} | {own:.3f} | {_num(row.loss('same'))} | "
+            f"{_pct(row.loss('same'), own)} | {_num(row.loss('other'))} | {_pct(row.loss('other'), own)} | "
+            f"{worst or '-'} {_num(worst_loss)} | {_pct(worst_loss, own)} |")
     lines += ["", f"Pools: {size} of {routable} routable experts per layer. Losses: nats per token on the "
               f"tokens after the first {prefix} of each held-out document (its own pool is chosen from "
               "those); a named pool comes from one whole other document (up to the cut)."]
     return "\n".join(lines)
+
+
+def _num(value: float) -> str:
+    return f"{value:.3f}" if math.isfinite(value) else "-"
 
 
 def _pct(value: float, base: float) -> str:
@@ -135,9 +141,13 @@ def _pct(value: float, base: float) -> str:
 
 def as_json(results: dict[str, DomainLosses], size: int, routable: int, prefix: int) -> dict[str, Any]:
     return {"pool_size": size, "routable": routable, "prefix": prefix,
-            "domains": {d: {"docs": r.docs, **{c: r.loss(c) for c in COLUMNS},
+            "domains": {d: {"docs": r.docs, **{c: _json_number(r.loss(c)) for c in COLUMNS},
                             "by_other_domain": {s: r.source_loss(s) for s in r.by_source}}
                         for d, r in results.items()}}
+
+
+def _json_number(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def run_named_pool_evaluation(model_dir: Path, corpus: Path, out: Path | None, cfg: EvalConfig,
