@@ -75,8 +75,8 @@ class EngineCore:
         named = req.named_pool
         if named is not None:
             self.metrics.pool_requests.labels(pool=named.name).inc()
-            seq.given_pools = [torch.tensor(ids, dtype=torch.long, device=self.runner.device)
-                               if self.config.is_moe(layer) else None
+            # host tensors: the model checks them without a device sync, then copies them over
+            seq.given_pools = [torch.tensor(ids, dtype=torch.long) if self.config.is_moe(layer) else None
                                for layer, ids in enumerate(named.experts)]
             seq.predicted_keys = named.keys  # not a guess: admission counts exactly these
         elif pool_size is not None:

@@ -86,10 +86,11 @@ class MoETransformer(nn.Module):
         kv.check_positions(T - 1)
         if pool_size is not None:
             self.config.validate_pool_size(pool_size)
+        given_ids: list[list[int]] | None = None  # the given pools on the host, for pins and prefetch
         if given_pools is not None:
             if pool_size is None:
                 raise ValueError("prefill: given_pools needs pool_size")
-            given_pools = self._check_pools(given_pools, pool_size)
+            given_pools, given_ids = self._check_pools(given_pools, pool_size)
         positions = torch.arange(T, device=self.device)
         cos, sin = self.rope(positions, torch.full_like(positions, T), self.dtype)
         x = F.embedding(input_ids.to(self.device), self.embed)  # [T, H]
@@ -113,11 +114,12 @@ class MoETransformer(nn.Module):
                             if given is None else given)
                     pools.append(pool)
                     if pin_pool:
-                        keys = [(index, e) for e in pool.tolist()]
+                        ids = pool.tolist() if given_ids is None else given_ids[index]
+                        keys = [(index, e) for e in ids]
                         self.expert_store.acquire(keys)
                         pinned.extend(keys)
                     allowed = pool_mask(pool, mlp.spec, mlp.spec.num_experts)[None, :]
-                    self._prefetch_next(index, h, pool_size, given_pools)
+                    self._prefetch_next(index, h, pool_size, given_ids)
                 x = h + mlp(normed, logits, allowed)
             logits_out = self._logits(x if all_logits else x[-1:])
         except BaseException:
@@ -127,39 +129,45 @@ class MoETransformer(nn.Module):
         return PrefillOutput(logits_out, pools, pinned)
 
     def _prefetch_next(self, index: int, h: torch.Tensor, pool_size: int,
-                       given_pools: Sequence[torch.Tensor | None] | None = None) -> None:
+                       given_ids: list[list[int]] | None = None) -> None:
         """Hint the store with the next MoE layer's pool: the given one when there is one, else
         its router on this layer's hidden states (the true pool needs this layer's output,
         which is not computed yet)."""
         for nxt in range(index + 1, len(self.decoder_layers)):
             layer = self.decoder_layers[nxt]
             if isinstance(layer.mlp, MoEBlock):
-                given = None if given_pools is None else given_pools[nxt]
-                if given is None:
+                if given_ids is not None:
+                    ids = given_ids[nxt]
+                else:
                     logits = layer.mlp.router_logits(layer.mlp_norm(h))
-                    given = select_pool(pool_scores(logits, layer.mlp.spec), layer.mlp.spec, pool_size)
-                self.expert_store.prefetch([(nxt, e) for e in given.tolist()])
+                    ids = select_pool(pool_scores(logits, layer.mlp.spec), layer.mlp.spec, pool_size).tolist()
+                self.expert_store.prefetch([(nxt, e) for e in ids])
                 return
 
-    def _check_pools(self, pools: Sequence[torch.Tensor | None], pool_size: int) -> list[torch.Tensor | None]:
-        """Given pools on the device, after checking them against the layers: each MoE layer's
-        is ``pool_size`` distinct routable ids, dense layers have None."""
+    def _check_pools(self, pools: Sequence[torch.Tensor | None], pool_size: int
+                     ) -> tuple[list[torch.Tensor | None], list[list[int]]]:
+        """Given pools on the device and as host lists ([] for dense layers), after checking
+        them against the layers: each MoE layer's is ``pool_size`` distinct routable ids, dense
+        layers have None."""
         if len(pools) != self.config.num_layers:
             raise ValueError(f"given pools: one entry per layer ({self.config.num_layers}), got {len(pools)}")
         checked: list[torch.Tensor | None] = []
+        host: list[list[int]] = []
         for index, (layer, pool) in enumerate(zip(self.decoder_layers, pools, strict=True)):
             if not isinstance(layer.mlp, MoEBlock):
                 if pool is not None:
                     raise ValueError(f"given pools: layer {index} is dense, its pool must be None")
                 checked.append(None)
+                host.append([])
                 continue
-            ids = [] if pool is None else pool.tolist()
+            ids = [] if pool is None else pool.tolist()  # given on the host: no device sync
             routable = set(layer.mlp.spec.routable)
             if len(ids) != pool_size or len(set(ids)) != pool_size or not set(ids) <= routable:
                 raise ValueError(f"given pools: layer {index} needs {pool_size} distinct routable "
                                  f"expert ids, got {ids}")
-            checked.append(torch.tensor(sorted(ids), dtype=torch.long, device=self.device))
-        return checked
+            host.append(sorted(ids))
+            checked.append(torch.tensor(host[-1], dtype=torch.long, device=self.device))
+        return checked, host
 
     @torch.inference_mode()
     def pools_from_examples(self, examples: Sequence[torch.Tensor],
