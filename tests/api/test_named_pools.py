@@ -333,3 +333,26 @@ def test_running_and_waiting_named_pools_reach_the_adapter_gauge(checkpoint: Pat
         assert [r.status_code for r in results] == [200, 200]
         [(labels, _)] = lora_info(live)  # one series: the old ones are removed
         assert labels["running_lora_adapters"] == labels["waiting_lora_adapters"] == ""
+
+
+def test_a_pool_waits_for_free_slots_while_requests_pin_them_all(checkpoint: Path, tmp_path: Path) -> None:
+    """A device tier of exactly one pool: while a request pins it, computing a pool has no slot
+    to run its experts in; it waits for the request to end instead of failing."""
+    config = serve_config(checkpoint, pools_dir=tmp_path, expert_cache=32 * expert_bytes(checkpoint),
+                          max_num_seqs=1)
+    with live_server(config) as live:
+        ended: list[float] = []
+
+        def long_request() -> None:
+            r = complete(live, "tiny", MUSIC, max_tokens=300, ignore_eos=True)
+            ended.append(time.monotonic())
+            assert r.status_code == 200, r.text
+
+        runner = threading.Thread(target=long_request)
+        runner.start()
+        wait_for(lambda: live.store.stats().pinned_slots == 32, what="the request pinning every slot")
+        made = create(live, "waited", [LAW[0]])
+        finished = time.monotonic()
+        runner.join(60)
+        assert ended and ended[0] <= finished
+        assert made["experts"] == complete(live, "tiny", LAW[0]).json()["expert_pool"]["experts"]
