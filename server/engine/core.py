@@ -329,5 +329,5 @@ class EngineCore:
         self.metrics.kv_usage.set(self.kv_slots.usage)
         running = [s.request.named_pool.model for s in self.scheduler.running if s.request.named_pool]
         waiting = [s.request.named_pool.model for s in self.scheduler.waiting if s.request.named_pool]
-        self.metrics.update_pool_info(running + self.resident.models, waiting, self.max_pools)
+        self.metrics.update_pool_info(running + list(self.resident.models), waiting, self.max_pools)
         self.metrics.update_memory()

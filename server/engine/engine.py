@@ -230,8 +230,8 @@ class Engine:
 
     @property
     def resident_pools(self) -> list[str]:
-        """Names of the pools kept resident on the device tier."""
-        return self.resident.names
+        """Names of the pools kept resident on the device tier (any thread)."""
+        return list(self.resident.names)
 
     def check_resident_fit(self, pools: Sequence[NamedPool]) -> str | None:
         """Why these pools cannot all be resident together (with the numbers), or None."""

@@ -15,12 +15,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from expert_cache.base import ExpertKey, ExpertStore, SlotsExhausted
 from server.engine.pool_budget import PoolBudget
+
+if TYPE_CHECKING:
+    from server.model.model import MoETransformer
 
 PoolLists = list[list[int]]  # per layer, sorted expert ids ([] for dense layers)
 
@@ -31,15 +34,16 @@ class PoolNotResident(RuntimeError):
 
 @dataclass
 class ControlJob:
-    """Work for the engine thread outside the request flow. ``run`` returns False to be tried
-    again after the next step (its experts are busy now), True when done."""
+    """Work for the engine thread outside the request flow; its result or error goes to
+    ``future``. With ``retry_while_busy``, a run that runs out of device expert slots while
+    requests hold them is tried again once slots are free, instead of failing."""
 
     run: Callable[[], Any]
     future: Future[Any] = field(default_factory=Future)
     retry_while_busy: bool = False
 
 
-def examples_to_pools(model: Any, examples: Sequence[Sequence[int]], size: int,
+def examples_to_pools(model: MoETransformer, examples: Sequence[Sequence[int]], size: int,
                       device: torch.device) -> PoolLists:
     """The pool (per layer id lists) that EMO's rule picks from all ``examples`` together."""
     tensors = [torch.tensor(list(ids), dtype=torch.long, device=device) for ids in examples]
@@ -48,22 +52,15 @@ def examples_to_pools(model: Any, examples: Sequence[Sequence[int]], size: int,
 
 
 class ResidentPools:
-    """Pools pinned on the device tier by name. Engine thread only (or before it starts)."""
+    """Pools pinned on the device tier by name. Changed on the engine thread only (or before it
+    starts); ``names`` and ``models`` are replaced whole, so any thread may read them."""
 
     def __init__(self, store: ExpertStore, budget: PoolBudget) -> None:
         self.store, self.budget = store, budget
         self._keys: dict[str, list[ExpertKey]] = {}
         self._models: dict[str, str] = {}  # name -> the model id clients ask for
-
-    @property
-    def names(self) -> list[str]:
-        return sorted(self._keys)
-
-    @property
-    def models(self) -> list[str]:
-        """Model ids of the resident pools (they count as loaded adapters for the gateway)."""
-        return sorted(self._models.values())
-
+        self.names: tuple[str, ...] = ()
+        self.models: tuple[str, ...] = ()  # model ids: loaded adapters, to the gateway
     def check_fit(self, pools: dict[str, Sequence[ExpertKey]]) -> str | None:
         """Why these pools (replacing any resident ones of the same names) cannot all be
         resident together, with the numbers; None when they can."""
@@ -105,9 +102,7 @@ class ResidentPools:
             self._publish()
             self.store.release(old)
 
-    def release_all(self) -> None:
-        for name in self.names:
-            self.unpin(name)
-
     def _publish(self) -> None:
         self.budget.resident = frozenset(k for ks in self._keys.values() for k in ks)
+        self.names = tuple(sorted(self._keys))
+        self.models = tuple(sorted(self._models.values()))
