@@ -340,6 +340,8 @@ class Engine:
                 "expert_slots_exhausted"))
         except BaseException as e:  # noqa: BLE001 - the job's caller gets the error
             job.future.set_exception(e)
+            if is_fatal(e):  # a poisoned device: the engine stops, as for a failed step
+                raise
         return True
 
     def _run_jobs(self) -> None:
