@@ -77,6 +77,8 @@ def run_decode_bench(
         f"x{cfg.concurrency} tok/s = all generated tokens / (last token - first submit), prefills included; "
         f"b1 tok/s and TTFT warm: best of {cfg.repeats} runs",
         "TTFT cold: the prompt's experts flushed off the device tier, held in host RAM",
+        "peak / budget: torch.cuda.max_memory_allocated over the scenario / trunk + device tier + KV "
+        "slots; '-' on CPU, where no allocator measures the peak",
     ]
     for sc in scenarios(cfg, pools):
         log(f"scenario {sc.name}")
