@@ -44,7 +44,8 @@ class EmoReference:
 
     def attention(self, xs: list[torch.Tensor], layer: int) -> list[torch.Tensor]:
         c, p = self.c, f"model.layers.{layer}.self_attn."
-        H, KV, D = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
+        H, KV = c["num_attention_heads"], c["num_key_value_heads"]
+        D = c.get("head_dim") or c["hidden_size"] // H
 
         def proj(name: str, x: torch.Tensor) -> torch.Tensor:
             y = self.w[p + name + ".weight"] @ x
