@@ -142,9 +142,10 @@ def test_evaluation_modes_score_the_same_targets(tokenizer_dir: Path) -> None:
 
 @pytest.fixture(scope="module")
 def exported(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[EmoForTraining, Path]:
-    """A smoke model after a few steps, and the same weights exported as a serving checkpoint."""
+    """A smoke model trained until its experts differ (30 steps), and the same weights exported
+    as a serving checkpoint."""
     model, cfg, chunks = smoke_setup(tokenizer_dir, True)
-    train(model, replace(cfg, steps=5), batches(chunks, cfg.batch_size, cfg.seq_len, 1, 0))
+    train(model, cfg, batches(chunks, cfg.batch_size, cfg.seq_len, 1, 0))
     out = tmp_path_factory.mktemp("exported")
     save_checkpoint(model, out, tokenizer_dir, {"test": True}, dtype=torch.float32)
     return model.eval(), out
