@@ -35,6 +35,14 @@ def start(checkpoint: Path, port: int, *flags: str, step_delay_s: float | None =
                             text=True)
 
 
+def output(proc: subprocess.Popen[str]) -> str:
+    """Everything the finished process printed; closes the pipe."""
+    if proc.stdout is None:
+        return ""
+    with proc.stdout:
+        return proc.stdout.read()
+
+
 def wait_ready(url: str, proc: subprocess.Popen[str], timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -84,7 +92,7 @@ def test_sigterm_drains_then_exits_0(checkpoint: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
-    log = proc.stdout.read() if proc.stdout else ""
+    log = output(proc)
     assert "device memory plan" in log and "KV cache" in log and "draining" in log
     assert short[-1] == {"done": True}
     assert short[-2]["choices"][0]["finish_reason"] == "length"  # type: ignore[index]
@@ -97,7 +105,7 @@ def test_sigterm_drains_then_exits_0(checkpoint: Path) -> None:
 def test_a_plan_that_cannot_fit_is_refused_with_numbers(checkpoint: Path) -> None:
     proc = start(checkpoint, free_port(), "--expert-cache", "100TiB")
     assert proc.wait(timeout=120) == 1
-    log = proc.stdout.read() if proc.stdout else ""
+    log = output(proc)
     assert "refusing to start" in log
     for row in ("trunk", "expert slots", "100.00 TiB", "KV cache", "workspace", "free on the device"):
         assert row in log, log
