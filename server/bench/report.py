@@ -73,6 +73,13 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"
 
 
+def _peak(peak: int | None, budget: int) -> str:
+    """"peak / budget"; the peak is "-" where nothing measured it (CPU)."""
+    if not budget:
+        return "-"
+    return f"{'-' if peak is None else _mb(peak)} / {_mb(budget)}"
+
+
 def markdown(result: BenchResult) -> str:
     h = result.header
     conc = h.get("concurrency", "N")
@@ -100,7 +107,7 @@ def markdown(result: BenchResult) -> str:
                  _num(r.ttft_cold_s, ".3f"), _num(r.ttft_warm_s, ".3f"),
                  "-" if r.cold_paged_bytes is None else _mb(r.cold_paged_bytes), _num(r.hit_rate, ".1%"),
                  _mb(r.bytes_paged), _num(r.h2d_gb_s, ".2f"),
-                 f"{_mb(r.peak_device_bytes)} / {_mb(r.budget_bytes)}" if r.budget_bytes else "-"]
+                 _peak(r.peak_device_bytes, r.budget_bytes)]
         lines.append("| " + " | ".join(cells) + " |")
     if result.decode_step is not None:
         lines += ["", *DECODE_STEP_HEADER, result.decode_step.line()]

@@ -80,6 +80,8 @@ def run_decode_bench(
         "TTFT cold: the prompt's experts flushed off the device tier, held in host RAM",
         "hit rate = device hits / (hits + misses) of the store's acquires: pool rows decode from the slots "
         "pinned at admission without acquiring, so for pools it is the prefills' hit rate",
+        "peak / budget: torch.cuda.max_memory_allocated over the scenario / trunk + device tier + KV "
+        "slots; '-' on CPU, where no allocator measures the peak",
     ]
     for sc in scenarios(cfg, pools):
         log(f"scenario {sc.name}")

@@ -2,9 +2,11 @@
 accounts expert-cache traffic per request.
 
 Expert accounting: ``expert_store.stats()`` is read before and after each model call. A
-prefill's delta belongs to its one request. A decode's delta is split evenly over the rows of
-the step (remainder to the first rows): the store cannot tell which row an expert load served,
-and rows sharing a batch share its loads.
+prefill's delta belongs to its one request: a pool request's misses are its pool's cold
+experts. In a decode step a row whose pool is pinned cannot miss (every expert it may route to
+has been held since its prefill), so the step's misses and bytes loaded belong to the
+full-routing rows, split evenly among them: the store cannot tell which of them a load served.
+Hits are lookups the rows share, split evenly over all rows (remainders to the first rows).
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ def _traffic(stats: CacheStats) -> tuple[int, int, int]:
     return stats.device.hits, stats.device.misses, loaded
 
 
+def _even(total: int, n: int) -> list[int]:
+    """``total`` in ``n`` integer shares, the remainder one each to the first shares."""
+    return [total // n + (1 if i < total % n else 0) for i in range(n)]
+
+
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, num_slots: int, max_len: int,
                  kv_dtype: torch.dtype | None = None) -> None:
@@ -65,7 +72,7 @@ class ModelRunner:
         ids = torch.tensor(seq.prompt_ids, dtype=torch.long, device=self.device)
         before = _traffic(self.store.stats())
         out = self.model.prefill(ids, self.kv, seq.slot, pool_size=seq.pool_size,
-                                 pin_pool=seq.is_pool,
+                                 pin_pool=seq.is_pool, given_pools=seq.given_pools,
                                  all_logits=seq.request.sampling.prompt_logprobs is not None)
         seq.pinned = list(out.pinned) if seq.is_pool else []  # first: release() must find them
         after = _traffic(self.store.stats())
@@ -109,12 +116,14 @@ class ModelRunner:
 
     @staticmethod
     def _split(seqs: Seq[Sequence], delta: list[int]) -> None:
-        n = len(seqs)
-        for i, seq in enumerate(seqs):
-            share = [d // n + (1 if i < d % n else 0) for d in delta]
-            seq.experts.hits += share[0]
-            seq.experts.misses += share[1]
-            seq.experts.bytes_loaded += share[2]
+        hits, misses, loaded = delta
+        for seq, share in zip(seqs, _even(hits, len(seqs)), strict=True):
+            seq.experts.hits += share
+        can_miss = [s for s in seqs if not s.pinned] or list(seqs)
+        n = len(can_miss)
+        for seq, m, b in zip(can_miss, _even(misses, n), _even(loaded, n), strict=True):
+            seq.experts.misses += m
+            seq.experts.bytes_loaded += b
 
     def release(self, seq: Sequence) -> None:
         """Drop the sequence's pool pins (exactly once)."""

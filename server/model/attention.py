@@ -54,14 +54,16 @@ class Attention(nn.Module):
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def prefill(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVCache, slot: int
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVCache | None, slot: int
     ) -> torch.Tensor:
-        """The whole prompt (positions 0..T-1) of one sequence. x [T, H] -> [T, H]."""
+        """The whole prompt (positions 0..T-1) of one sequence. x [T, H] -> [T, H]. ``kv`` None:
+        nothing is kept (a pool computed from examples needs no cache)."""
         T = x.shape[0]
         q, k, v = self._qkv(x, cos, sin)
         q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, T, D]
-        kv.k[self.layer][slot, :, :T] = k
-        kv.v[self.layer][slot, :, :T] = v
+        if kv is not None:
+            kv.k[self.layer][slot, :, :T] = k
+            kv.v[self.layer][slot, :, :T] = v
         out = F.scaled_dot_product_attention(
             q[None], k[None], v[None], is_causal=True, enable_gqa=self.kv_heads != self.heads
         )  # [1, heads, T, D]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -86,13 +87,21 @@ class MoETransformer(nn.Module):
         pool_size: int | None,
         pin_pool: bool = False,
         all_logits: bool = False,
+        given_pools: Sequence[torch.Tensor | None] | None = None,
     ) -> PrefillOutput:
+        """``given_pools`` (per layer, e.g. a named pool): used as they are instead of being
+        chosen from this prompt; each MoE layer's must hold ``pool_size`` routable ids."""
         T = int(input_ids.shape[0])
         if input_ids.dim() != 1 or T == 0:
             raise ValueError(f"prefill needs a non-empty 1-D input_ids, got shape {tuple(input_ids.shape)}")
         kv.check_positions(T - 1)
         if pool_size is not None:
             self.config.validate_pool_size(pool_size)
+        given_ids: list[list[int]] | None = None  # the given pools on the host, for pins and prefetch
+        if given_pools is not None:
+            if pool_size is None:
+                raise ValueError("prefill: given_pools needs pool_size")
+            given_pools, given_ids = self._check_pools(given_pools, pool_size)
         positions = torch.arange(T, device=self.device)
         cos, sin = self.rope(positions, torch.full_like(positions, T), self.dtype)
         x = F.embedding(input_ids.to(self.device), self.embed)  # [T, H]
@@ -112,14 +121,17 @@ class MoETransformer(nn.Module):
                 logits = mlp.router_logits(normed)  # [T, E]
                 allowed = None
                 if pools is not None and pool_size is not None:
-                    pool = select_pool(pool_scores(logits, mlp.spec), mlp.spec, pool_size)
+                    given = None if given_pools is None else given_pools[index]
+                    pool = (select_pool(pool_scores(logits, mlp.spec), mlp.spec, pool_size)
+                            if given is None else given)
                     pools.append(pool)
                     if pin_pool:
-                        keys = [(index, e) for e in pool.tolist()]
+                        ids = pool.tolist() if given_ids is None else given_ids[index]
+                        keys = [(index, e) for e in ids]
                         pinned_slots.extend(self.expert_store.acquire_slots(keys))
                         pinned.extend(keys)
                     allowed = pool_mask(pool, mlp.spec, mlp.spec.num_experts)[None, :]
-                    self._prefetch_next(index, h, pool_size)
+                    self._prefetch_next(index, h, pool_size, given_ids)
                 x = h + mlp(normed, logits, allowed)
             logits_out = self.logits(x if all_logits else x[-1:])
         except BaseException:
@@ -128,16 +140,87 @@ class MoETransformer(nn.Module):
             raise
         return PrefillOutput(logits_out, pools, pinned, pinned_slots)
 
-    def _prefetch_next(self, index: int, h: torch.Tensor, pool_size: int) -> None:
-        """Hint the store with the next MoE layer's likely pool: its router on this layer's
-        hidden states (the true pool needs this layer's output, which is not computed yet)."""
+    def _prefetch_next(self, index: int, h: torch.Tensor, pool_size: int,
+                       given_ids: list[list[int]] | None = None) -> None:
+        """Hint the store with the next MoE layer's pool: the given one when there is one, else
+        its router on this layer's hidden states (the true pool needs this layer's output,
+        which is not computed yet)."""
         for nxt in range(index + 1, len(self.decoder_layers)):
             layer = self.decoder_layers[nxt]
             if isinstance(layer.mlp, MoEBlock):
-                logits = layer.mlp.router_logits(layer.mlp_norm(h))
-                predicted = select_pool(pool_scores(logits, layer.mlp.spec), layer.mlp.spec, pool_size)
-                self.expert_store.prefetch([(nxt, e) for e in predicted.tolist()])
+                if given_ids is not None:
+                    ids = given_ids[nxt]
+                else:
+                    logits = layer.mlp.router_logits(layer.mlp_norm(h))
+                    ids = select_pool(pool_scores(logits, layer.mlp.spec), layer.mlp.spec, pool_size).tolist()
+                self.expert_store.prefetch([(nxt, e) for e in ids])
                 return
+
+    def _check_pools(self, pools: Sequence[torch.Tensor | None], pool_size: int
+                     ) -> tuple[list[torch.Tensor | None], list[list[int]]]:
+        """Given pools on the device and as host lists ([] for dense layers), after checking
+        them against the layers: each MoE layer's is ``pool_size`` distinct routable ids, dense
+        layers have None."""
+        if len(pools) != self.config.num_layers:
+            raise ValueError(f"given pools: one entry per layer ({self.config.num_layers}), got {len(pools)}")
+        checked: list[torch.Tensor | None] = []
+        host: list[list[int]] = []
+        for index, (layer, pool) in enumerate(zip(self.decoder_layers, pools, strict=True)):
+            if not isinstance(layer.mlp, MoEBlock):
+                if pool is not None:
+                    raise ValueError(f"given pools: layer {index} is dense, its pool must be None")
+                checked.append(None)
+                host.append([])
+                continue
+            ids = [] if pool is None else pool.tolist()  # given on the host: no device sync
+            routable = set(layer.mlp.spec.routable)
+            if len(ids) != pool_size or len(set(ids)) != pool_size or not set(ids) <= routable:
+                raise ValueError(f"given pools: layer {index} needs {pool_size} distinct routable "
+                                 f"expert ids, got {ids}")
+            host.append(sorted(ids))
+            checked.append(torch.tensor(host[-1], dtype=torch.long, device=self.device))
+        return checked, host
+
+    @torch.inference_mode()
+    def pools_from_examples(self, examples: Sequence[torch.Tensor],
+                            pool_size: int) -> list[torch.Tensor | None]:
+        """EMO's serving rule over several prompts at once: at each MoE layer the scores of
+        every example's tokens are summed, one pool is chosen from the sum, and every example
+        then runs that layer restricted to it (so the next layer sees pool-restricted inputs,
+        as a prefill does). One example gives exactly the pools its prefill would choose.
+
+        Each example runs attention and MoE on its own, so the working memory is that of one
+        prefill of the longest example, plus the hidden states of all examples. Nothing is
+        cached and nothing stays pinned."""
+        self.config.validate_pool_size(pool_size)
+        if not examples or any(e.dim() != 1 or e.shape[0] == 0 for e in examples):
+            raise ValueError("pools_from_examples needs one or more non-empty 1-D token tensors")
+        longest = max(int(e.shape[0]) for e in examples)
+        if longest > self.config.max_position_embeddings:
+            raise ValueError(f"an example has {longest} tokens, more than max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
+        ropes = []
+        for ids in examples:
+            positions = torch.arange(int(ids.shape[0]), device=self.device)
+            ropes.append(self.rope(positions, torch.full_like(positions, int(ids.shape[0])), self.dtype))
+        xs = [F.embedding(ids.to(self.device), self.embed) for ids in examples]  # [T_i, H] each
+        pools: list[torch.Tensor | None] = []
+        for layer in self.decoder_layers:
+            hs = [x + layer.attn.prefill(layer.attn_norm(x), cos, sin, None, 0)
+                  for x, (cos, sin) in zip(xs, ropes, strict=True)]
+            normed = [layer.mlp_norm(h) for h in hs]
+            mlp = layer.mlp
+            if not isinstance(mlp, MoEBlock):
+                xs = [h + mlp(n) for h, n in zip(hs, normed, strict=True)]
+                pools.append(None)
+                continue
+            logits = [mlp.router_logits(n) for n in normed]  # [T_i, E] each
+            scores = torch.stack([pool_scores(lg, mlp.spec) for lg in logits]).sum(dim=0)  # [|R|]
+            pool = select_pool(scores, mlp.spec, pool_size)
+            pools.append(pool)
+            allowed = pool_mask(pool, mlp.spec, mlp.spec.num_experts)[None, :]
+            xs = [h + mlp(n, lg, allowed) for h, n, lg in zip(hs, normed, logits, strict=True)]
+        return pools
 
     @torch.inference_mode()
     def decode(
