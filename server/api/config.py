@@ -20,6 +20,7 @@ from expert_cache.memory import MiB, parse_bytes
 ENV_PREFIX = "EMO_SERVE_"
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
+POOL_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"  # names of named expert pools
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 class ConfigError(ValueError):
@@ -92,6 +93,8 @@ class ServeConfig:
     drain_timeout: float = 30.0
     expert_load_timeout: float = 60.0
     log_level: str = "info"
+    pools_dir: Path | None = None  # None: <cache dir>/pools/<served model name>
+    pin_pools: tuple[str, ...] = ()  # named pools kept resident on the device tier
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -120,6 +123,9 @@ class ServeConfig:
             raise ConfigError("log_level", f"{self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
         if self.api_key is not None and not self.api_key:
             raise ConfigError("api_key", "must not be empty when given")
+        bad = [name for name in self.pin_pools if not re.fullmatch(POOL_NAME_PATTERN, name)]
+        if bad:
+            raise ConfigError("pin_pools", f"{bad[0]!r} is not a pool name ({POOL_NAME_PATTERN})")
 
 
 @dataclass(frozen=True)
@@ -164,6 +170,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("expert_load_timeout", _float, "SECONDS",
            "longest wait for an expert being read before its requests fail (default 60)"),
     Option("log_level", str, "|".join(LOG_LEVELS), "log level (default info)"),
+    Option("pools_dir", Path, "DIR", "named expert pools, one JSON file each (default: under the "
+           "cache directory, per model)"),
+    Option("pin_pools", _names, "NAME[,NAME]", "named pools kept resident on the device expert cache"),
 )
 
 

@@ -24,7 +24,14 @@ from server.api.errors import APIError, bad_request
 from server.api.protocol import SEED_LIMIT, GenerationFields, PromptInput
 from server.api.responses import ExpertPoolInfo, FinishReason, UsageInfo
 from server.api.serving import ServingState
-from server.engine.request import GenerationRequest, RequestOutput, SamplingParams, TokenLogprob, Usage
+from server.engine.request import (
+    GenerationRequest,
+    NamedPool,
+    RequestOutput,
+    SamplingParams,
+    TokenLogprob,
+    Usage,
+)
 
 logger = logging.getLogger(__name__)
 _THREAD_ENCODE_CHARS = 16384  # longer texts are tokenized off the event loop
@@ -149,10 +156,10 @@ def sampling_params(state: ServingState, body: GenerationFields, *, max_tokens: 
 
 
 def engine_request(request_id: str, prompt: Prompt, sampling: SamplingParams,
-                   body: GenerationFields) -> GenerationRequest:
+                   body: GenerationFields, named_pool: NamedPool | None = None) -> GenerationRequest:
     return GenerationRequest(request_id=request_id, prompt_token_ids=prompt.token_ids,
                              sampling=sampling, expert_pool=body.expert_pool,
-                             return_expert_pool=body.return_expert_pool)
+                             return_expert_pool=body.return_expert_pool, named_pool=named_pool)
 
 
 @dataclass

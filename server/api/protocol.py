@@ -9,6 +9,7 @@ newer fields keep working; fields we know and cannot honour are refused explicit
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import (
@@ -21,9 +22,11 @@ from pydantic import (
     model_validator,
 )
 
+from server.api.config import POOL_NAME_PATTERN
 from server.engine.request import MAX_LOGPROBS
 
 SEED_MIN, SEED_LIMIT = -(2**63), 2**64  # signed or unsigned 64-bit
+MAX_POOL_EXAMPLES = 16
 PromptInput = str | list[str] | list[int] | list[list[int]]
 
 
@@ -191,3 +194,24 @@ class TokenizeRequest(RequestModel):
 class DetokenizeRequest(RequestModel):
     model: str | None = None
     tokens: list[int]
+
+
+class PoolCreateRequest(RequestModel):
+    """POST /v1/pools (extension): a named expert pool computed from example texts."""
+
+    name: str
+    examples: list[str]
+    size: int | None = Field(None, ge=1)  # None: the server's default pool size
+
+    @model_validator(mode="after")
+    def _check_pool(self) -> PoolCreateRequest:
+        if not re.fullmatch(POOL_NAME_PATTERN, self.name):
+            raise FieldError("name", f"name {self.name[:80]!r} is not a pool name: 1-64 characters of "
+                             "letters, digits, '.', '_' or '-', starting with a letter or digit")
+        if not 1 <= len(self.examples) <= MAX_POOL_EXAMPLES:
+            raise FieldError("examples", f"examples must hold 1 to {MAX_POOL_EXAMPLES} texts, got "
+                             f"{len(self.examples)}")
+        empty = next((i for i, text in enumerate(self.examples) if not text), None)
+        if empty is not None:
+            raise FieldError("examples", f"examples[{empty}] is empty")
+        return self

@@ -190,7 +190,33 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=now)
     owned_by: str = "emo-serve"
     root: str | None = None  # where the weights come from (vLLM's field)
+    parent: str | None = None  # a named pool's served model, as vLLM gives a LoRA adapter's base
     max_model_len: int  # extension (vLLM's field)
+
+
+class ExpertPoolObject(BaseModel):
+    """Extension: a named expert pool (POST/GET /v1/pools)."""
+
+    object: Literal["expert_pool"] = "expert_pool"
+    name: str
+    model: str  # the model id that runs on it: "<served>:<name>"
+    size: int
+    experts: list[list[int]]  # per layer ([] for dense layers)
+    created: int
+    examples: int  # how many example texts it was computed from
+    resident: bool  # kept on the device tier (--pin-pools)
+
+
+class ExpertPoolList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ExpertPoolObject]
+
+
+class ExpertPoolDeleted(BaseModel):
+    object: Literal["expert_pool"] = "expert_pool"
+    name: str
+    model: str
+    deleted: bool = True
 
 
 class ModelList(BaseModel):

@@ -63,7 +63,7 @@ async def chat_prompt(state: ServingState, messages: list[ChatMessage], *,
 async def create_chat_completion(request: Request) -> Response:
     state = serving(request)
     body = await read_body(request, ChatCompletionRequest, state.config.max_body_bytes)
-    model = state.resolve_model(body.model)
+    model, named_pool = state.resolve_generation(body)
     state.ensure_accepting()
     prompt = await chat_prompt(state, body.messages)
     if not prompt.token_ids:
@@ -76,7 +76,8 @@ async def create_chat_completion(request: Request) -> Response:
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
     requests = [
         engine_request(f"{response_id}-{i}", prompt,
-                       sampling_params(state, body, max_tokens=max_tokens, logprobs=logprobs, choice=i), body)
+                       sampling_params(state, body, max_tokens=max_tokens, logprobs=logprobs, choice=i), body,
+                       named_pool)
         for i in range(body.n)
     ]
     group = RequestGroup(state.engine)

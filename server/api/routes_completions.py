@@ -48,7 +48,7 @@ router = APIRouter()
 async def create_completion(request: Request) -> Response:
     state = serving(request)
     body = await read_body(request, CompletionRequest, state.config.max_body_bytes)
-    model = state.resolve_model(body.model)
+    model, named_pool = state.resolve_generation(body)
     state.ensure_accepting()
     prompts = await prompts_from_input(state, body.prompt)
     check_limits(state, body, len(prompts))
@@ -61,7 +61,7 @@ async def create_completion(request: Request) -> Response:
             sampling = sampling_params(state, body, max_tokens=max_tokens, logprobs=body.logprobs,
                                        prompt_logprobs=body.logprobs if body.echo else None, choice=i)
             index = len(requests)
-            requests.append(engine_request(f"{response_id}-{index}", prompt, sampling, body))
+            requests.append(engine_request(f"{response_id}-{index}", prompt, sampling, body, named_pool))
             choice_prompts.append(prompt)
     group = RequestGroup(state.engine)
     group.submit_all(requests)

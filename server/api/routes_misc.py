@@ -42,8 +42,13 @@ def package_version() -> str:
 @protected.get("/v1/models")
 async def list_models(request: Request) -> ModelList:
     state = serving(request)
-    return ModelList(data=[ModelCard(id=name, root=state.model_root, max_model_len=state.max_model_len)
-                           for name in state.served_names])
+    cards = [ModelCard(id=name, root=state.model_root, max_model_len=state.max_model_len)
+             for name in state.served_names]
+    # named pools are listed like vLLM lists LoRA adapters: their own id, the base as parent
+    cards += [ModelCard(id=state.pools.model_id(name), root=str(state.pools.path(name)),
+                        parent=state.pools.model, created=record.created, max_model_len=state.max_model_len)
+              for name, record in sorted(state.pools.records.items())]
+    return ModelList(data=cards)
 
 
 @protected.get("/v1/expert_cache")

@@ -7,9 +7,10 @@ JSON, wrong types) takes the same path to one 400 in OpenAI's shape.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -18,8 +19,10 @@ from pydantic import ValidationError
 
 from server.api.config import ServeConfig
 from server.api.errors import APIError, bad_request, validation_error
-from server.api.protocol import RequestModel
+from server.api.named_pools import PoolRegistry
+from server.api.protocol import GenerationFields, RequestModel
 from server.engine.engine import Engine
+from server.engine.request import NamedPool
 from server.model.tokenizer import TokenizerBundle
 
 logger = logging.getLogger(__name__)
@@ -34,7 +37,9 @@ class ServingState:
     registry: CollectorRegistry
     model_root: str  # where the weights come from, for /v1/models
     generation_defaults: dict[str, Any]
+    pools: PoolRegistry
     draining: bool = False  # set on SIGTERM: new generation requests get 503
+    pools_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one pool change at a time
 
     @property
     def tokenizer(self) -> TokenizerBundle:
@@ -45,14 +50,36 @@ class ServingState:
         return self.engine.max_model_len
 
     def resolve_model(self, name: str | None) -> str:
-        """The served name to answer with; 404 for a name this server does not serve."""
+        """The served name (or named-pool model id) to answer with; 404 for a name this server
+        does not serve."""
+        return self.resolve_target(name)[0]
+
+    def resolve_target(self, name: str | None) -> tuple[str, NamedPool | None]:
+        """The model name to answer with, and the named pool when ``name`` is
+        ``<served>:<pool>``; 404 model_not_found otherwise."""
         if name is None:
-            return self.served_names[0]
-        if name not in self.served_names:
-            raise APIError(404, f"The model {name!r} does not exist; this server serves "
-                           f"{', '.join(map(repr, self.served_names))}", param="model",
-                           code="model_not_found")
-        return name
+            return self.served_names[0], None
+        if name in self.served_names:
+            return name, None
+        base, _, pool = name.rpartition(":")
+        if base in self.served_names:
+            record = self.pools.records.get(pool)
+            if record is not None:
+                return name, self.pools.named_pool(record)
+            raise APIError(404, f"The model {name!r} does not exist: {base!r} has no expert pool named "
+                           f"{pool!r} (GET /v1/pools lists them)", param="model", code="model_not_found")
+        raise APIError(404, f"The model {name!r} does not exist; this server serves "
+                       f"{', '.join(map(repr, self.served_names))} and their named pools "
+                       f"('<model>:<pool>')", param="model", code="model_not_found")
+
+    def resolve_generation(self, body: GenerationFields) -> tuple[str, NamedPool | None]:
+        """``resolve_target`` for a completion or chat request; a named pool excludes
+        ``expert_pool`` (the pool is the name's)."""
+        model, pool = self.resolve_target(body.model)
+        if pool is not None and body.expert_pool is not None:
+            raise bad_request(f"expert_pool cannot be given with the named-pool model {model!r}: the "
+                              "model fixes the pool", param="expert_pool")
+        return model, pool
 
     def ensure_accepting(self) -> None:
         if self.draining:

@@ -64,6 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="pinned host->device GB/s the cold-TTFT target is judged by "
                              "(default 53.9, the H100 figure of emo-model.md)")
     parser.add_argument("--no-parity", action="store_true", help="skip the bf16 vs fp32 logits check")
+    parser.add_argument("--no-fullgraph", action="store_true",
+                        help="skip compiling the decode step with fullgraph=True "
+                             "(decode_step.fullgraph null)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
             decode_tokens=args.decode_tokens or (64 if gpu else 32),
             concurrency=args.concurrency, domains=args.domains, repeats=args.repeats,
             reference_modeling=args.reference_modeling, parity=not args.no_parity,
-            pinned_gb_s=args.pinned_gbps,
+            pinned_gb_s=args.pinned_gbps, fullgraph=not args.no_fullgraph,
         )
         _, text, files = run_decode_bench(cfg, log=lambda m: print(f"  {m}", file=sys.stderr, flush=True))
     except (ValueError, CheckpointError, OSError) as e:

@@ -44,6 +44,7 @@ class DecodeBenchConfig:
     reference_modeling: Path | None = None
     pinned_gb_s: float = 53.9  # pinned host->device bandwidth the cold-TTFT target is judged by
     parity: bool = True
+    fullgraph: bool = True  # compile the decode step with fullgraph=True for the decode_step report
 
     def __post_init__(self) -> None:
         if self.dtype not in ("bf16", "fp16", "fp32"):

@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from server.bench.decode_step import MARKDOWN_HEADER as DECODE_STEP_HEADER
+from server.bench.decode_step import DecodeStepReport
 from server.bench.parity import ParityResult
 from server.bench.plot import line_chart
 from server.bench.scenario import ScenarioResult
@@ -26,6 +28,7 @@ class BenchResult:
     header: dict[str, Any]
     rows: list[ScenarioResult] = field(default_factory=list)
     parity: ParityResult | None = None
+    decode_step: DecodeStepReport | None = None
     targets: list[Target] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -56,7 +59,9 @@ def to_json(result: BenchResult) -> dict[str, Any]:
     targets = [asdict(t) | {"met": t.met} for t in result.targets]
     cleaned: dict[str, Any] = _clean({
         "header": result.header, "rows": rows, "targets": targets,
-        "parity": None if result.parity is None else asdict(result.parity), "notes": result.notes})
+        "parity": None if result.parity is None else asdict(result.parity),
+        "decode_step": None if result.decode_step is None else asdict(result.decode_step),
+        "notes": result.notes})
     return cleaned
 
 
@@ -66,6 +71,13 @@ def _num(v: float | None, fmt: str) -> str:
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"
+
+
+def _peak(peak: int | None, budget: int) -> str:
+    """"peak / budget"; the peak is "-" where nothing measured it (CPU)."""
+    if not budget:
+        return "-"
+    return f"{'-' if peak is None else _mb(peak)} / {_mb(budget)}"
 
 
 def markdown(result: BenchResult) -> str:
@@ -95,8 +107,10 @@ def markdown(result: BenchResult) -> str:
                  _num(r.ttft_cold_s, ".3f"), _num(r.ttft_warm_s, ".3f"),
                  "-" if r.cold_paged_bytes is None else _mb(r.cold_paged_bytes), _num(r.hit_rate, ".1%"),
                  _mb(r.bytes_paged), _num(r.h2d_gb_s, ".2f"),
-                 f"{_mb(r.peak_device_bytes)} / {_mb(r.budget_bytes)}" if r.budget_bytes else "-"]
+                 _peak(r.peak_device_bytes, r.budget_bytes)]
         lines.append("| " + " | ".join(cells) + " |")
+    if result.decode_step is not None:
+        lines += ["", *DECODE_STEP_HEADER, result.decode_step.line()]
     if result.parity is not None:
         lines += ["", result.parity.line()]
     if result.targets:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from server.bench.config import DecodeBenchConfig, scenarios
+from server.bench.decode_step import measure_decode_step
 from server.bench.parity import bf16_parity
 from server.bench.reference import hf_reference
 from server.bench.report import BenchResult, write_all
@@ -77,12 +78,19 @@ def run_decode_bench(
         f"x{cfg.concurrency} tok/s = all generated tokens / (last token - first submit), prefills included; "
         f"b1 tok/s and TTFT warm: best of {cfg.repeats} runs",
         "TTFT cold: the prompt's experts flushed off the device tier, held in host RAM",
+        "hit rate = device hits / (hits + misses) of the store's acquires: pool rows decode from the slots "
+        "pinned at admission without acquiring, so for pools it is the prefills' hit rate",
+        "peak / budget: torch.cuda.max_memory_allocated over the scenario / trunk + device tier + KV "
+        "slots; '-' on CPU, where no allocator measures the peak",
     ]
     for sc in scenarios(cfg, pools):
         log(f"scenario {sc.name}")
         result.rows.append(run_scenario(cfg, sc, model_dir, log))
     if pools:
         result.targets = check_targets(result.rows, pools[0], cfg.pinned_gb_s)
+    log("decode step: ops per layer, host syncs, fullgraph")
+    result.decode_step = measure_decode_step(model_dir, cfg.device, cfg.dtype, pools[0] if pools else None,
+                                             fullgraph=cfg.fullgraph)
     reference = hf_reference(cfg, model_dir)
     if reference.skipped is None:
         result.rows.append(reference)

@@ -62,7 +62,7 @@ def check_targets(rows: list[ScenarioResult], pool: int, pinned_gb_s: float = PI
     concurrent = _ratio(_get(half, "decode_tps_concurrent"), _get(resident, "decode_tps_concurrent"))
     out.append(Target(f"pool{pool}@tier50% / resident, concurrent", concurrent, 0.70))
     for r in (resident, quarter, half):
-        if r is not None and r.budget_bytes:
+        if r is not None and r.budget_bytes and r.peak_device_bytes is not None:
             out.append(Target(f"{r.name} peak - budget, MB", (r.peak_device_bytes - r.budget_bytes) / 1e6,
                               WORKSPACE_MB, at_most=True))
     return out

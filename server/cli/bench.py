@@ -111,6 +111,28 @@ def _run_prefetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_gpu_check(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("gpu-check"), metavar="DIR",
+                        help="where the synthetic checkpoint and gpu_check.json go (default ./gpu-check)")
+    parser.add_argument("--model", type=Path, default=None, metavar="DIR",
+                        help="an Emo_1b14b-shaped checkpoint to use instead of writing a 4-layer one")
+    parser.add_argument("--device", default="cuda", help="cuda or cuda:N (default cuda)")
+
+
+def _run_gpu_check(args: argparse.Namespace) -> int:
+    from server.bench.gpu_check import GpuUnavailable, run_gpu_check
+
+    try:
+        result, path = run_gpu_check(args.out, args.model, args.device,
+                                     log=lambda m: print(f"  {m}", file=sys.stderr, flush=True))
+    except GpuUnavailable as e:
+        print(f"emo-serve bench gpu-check: {e}", file=sys.stderr)
+        return 2
+    print(result.markdown())
+    print(f"wrote {path}")
+    return 0
+
+
 def _add_arrivals(parser: argparse.ArgumentParser) -> None:
     from server.bench.cold_arrivals import add_arguments as add_arrivals_arguments
 
@@ -135,6 +157,13 @@ SUITES: dict[str, Suite] = {
         "against full residency, through the Engine (JSON, Markdown and PNG reports)",
         _add_decode,
         _run_decode,
+    ),
+    "gpu-check": Suite(
+        "The first run on a GPU (<= 8 min, no network): a 4-layer Emo_1b14b-shaped checkpoint, bf16 "
+        "CUDA vs fp32 CPU logits, CUDA-graph capture, batch-1/16 tokens/s, kernels and syncs per "
+        "token, paging vs pinned bandwidth, peak memory vs budget",
+        _add_gpu_check,
+        _run_gpu_check,
     ),
     "arrivals": Suite(
         "Cold arrivals: inter-token gaps of running streams while requests of new domains page "

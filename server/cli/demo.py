@@ -49,6 +49,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ev.add_argument("--out", type=Path, required=True, help="directory for the table, json and heatmap")
     ev.add_argument("--max-len", type=int, default=256)
 
+    named = sub.add_parser("named-pools", help="held-out losses with each document's own pool, a named "
+                           "pool from ONE other document of its domain, and other domains' pools")
+    named.add_argument("--model", type=Path, default=None, help="EMO checkpoint (default: the shipped one)")
+    named.add_argument("--corpus", type=Path, required=True)
+    named.add_argument("--out", type=Path, default=None, help="directory for named_pools.md and .json")
+    named.add_argument("--max-len", type=int, default=256)
+    named.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+
     sample = sub.add_parser("sample", help="one greedy completion per domain with its expert pool")
     sample.add_argument("--model", type=Path, default=None, help="checkpoint (default: the shipped one)")
     sample.add_argument("--corpus", type=Path, required=True)
@@ -64,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
         return _train(args)
     if args.demo_command == "sample":
         return _sample(args)
+    if args.demo_command == "named-pools":
+        return _named_pools(args)
     return _evaluate(args)
 
 
@@ -142,4 +152,24 @@ def _sample(args: argparse.Namespace) -> int:
         print("error: no --model given and no demo checkpoint is shipped in this install", file=sys.stderr)
         return 2
     print(samples_markdown(domain_samples(model, args.corpus, max_new_tokens=args.max_new_tokens)))
+    return 0
+
+
+def _named_pools(args: argparse.Namespace) -> int:
+    import torch
+
+    from server.demo.evaluate import EvalConfig
+    from server.demo.named_pool_eval import run_named_pool_evaluation
+
+    model = args.model or demo_model_dir()
+    if model is None:
+        print("error: no --model given and no demo checkpoint is shipped in this install", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+
+    def progress(done: int, total: int) -> None:
+        if done % 20 == 0 or done == total:
+            print(f"{done}/{total} documents", file=sys.stderr, flush=True)
+
+    print(run_named_pool_evaluation(model, args.corpus, args.out, EvalConfig(max_len=args.max_len), progress))
     return 0

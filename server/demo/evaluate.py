@@ -51,10 +51,13 @@ class HeldOutDoc:
 
 @dataclass
 class ModeResult:
-    """Summed NLL and target counts per domain; pools [D, L, R] in document order (pool modes)."""
+    """Summed NLL and target counts per domain and per document (in document order); pools
+    [D, L, R] in document order (pool modes)."""
 
     nll: dict[str, float] = field(default_factory=lambda: dict.fromkeys(DOMAINS, 0.0))
     tokens: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DOMAINS, 0))
+    doc_nll: list[float] = field(default_factory=list)
+    doc_tokens: list[int] = field(default_factory=list)
     pools: torch.Tensor | None = None
 
     def loss(self, domain: str) -> float:
@@ -115,8 +118,11 @@ def evaluate_mode(
         target_pos = torch.arange(1, T)[None, :]
         scored = valid[:, 1:] & (target_pos >= cfg.prefix)
         for row, doc in enumerate(group):
-            result.nll[doc.domain] += float(nll[row][scored[row]].sum())
-            result.tokens[doc.domain] += int(scored[row].sum())
+            doc_nll, doc_tokens = float(nll[row][scored[row]].sum()), int(scored[row].sum())
+            result.nll[doc.domain] += doc_nll
+            result.tokens[doc.domain] += doc_tokens
+            result.doc_nll.append(doc_nll)
+            result.doc_tokens.append(doc_tokens)
         if mode == "pool":
             doc_segments = plan.seg.view(len(group), T)[:, 0]  # segment id of each row's document
             pools.append(torch.stack([p[doc_segments] for p in plan.chosen_pools], dim=1))  # [B, L, R]

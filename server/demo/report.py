@@ -12,6 +12,7 @@ from tokenizers import Tokenizer
 from server.demo.corpus import DOMAINS, load_documents
 from server.demo.evaluate import (
     EvalConfig,
+    HeldOutDoc,
     ModeResult,
     evaluate_mode,
     jaccard_overlap,
@@ -77,8 +78,28 @@ class Evaluation:
         }
 
 
+DOCUMENTS_NAME = "evaluation_documents.tsv"
+
+
+def documents_tsv(docs: list[HeldOutDoc], results: dict[tuple[str, str], ModeResult]) -> str:
+    """One row per held-out document: its id, tokens kept, tokens scored, and the summed NLL of
+    every column, so that each cell of the table can be re-derived (a domain's loss is its
+    summed NLL over its scored tokens; the mean row is the unweighted mean of the domains)."""
+    names = [f"{m}/{mode}" for m, mode, _ in COLUMNS]
+    lines = ["\t".join(["id", "domain", "tokens", "scored", *(f"nll {n}" for n in names)])]
+    for i, doc in enumerate(docs):
+        scored = {results[(m, mode)].doc_tokens[i] for m, mode, _ in COLUMNS}
+        if len(scored) != 1:
+            raise RuntimeError(f"{doc.domain}/{doc.name}: the columns scored different targets {scored}")
+        nll = [f"{results[(m, mode)].doc_nll[i]:.6f}" for m, mode, _ in COLUMNS]
+        lines.append("\t".join([f"{doc.domain}/{doc.name}", doc.domain, str(len(doc.ids)), str(scored.pop()),
+                                *nll]))
+    return "\n".join(lines) + "\n"
+
+
 def run_evaluation(emo: Path, baseline: Path, corpus: Path, out: Path, cfg: EvalConfig) -> Evaluation:
-    """Writes OUT/evaluation.md, OUT/evaluation.json and OUT/pool_heatmap.png; returns the numbers."""
+    """Writes OUT/evaluation.md, OUT/evaluation.json, OUT/evaluation_documents.tsv and
+    OUT/pool_heatmap.png; returns the numbers."""
     tokenizer = Tokenizer.from_file(str(emo / "tokenizer.json"))
     pad_id = json.loads((emo / "generation_config.json").read_text())["pad_token_id"]
     docs = prepare(load_documents(corpus, "heldout"), tokenizer, cfg)
@@ -112,4 +133,5 @@ def run_evaluation(emo: Path, baseline: Path, corpus: Path, out: Path, cfg: Eval
     )
     (out / "evaluation.md").write_text(evaluation.markdown() + "\n")
     (out / "evaluation.json").write_text(json.dumps(evaluation.as_json(), indent=1) + "\n")
+    (out / DOCUMENTS_NAME).write_text(documents_tsv(docs, results))
     return evaluation

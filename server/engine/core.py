@@ -37,6 +37,7 @@ from server.engine.faults import is_fatal
 from server.engine.kv_slots import KVSlotAllocator
 from server.engine.metrics import EngineMetrics
 from server.engine.model_runner import ModelRunner
+from server.engine.named_pools import ResidentPools
 from server.engine.pace import PrefillPace
 from server.engine.pool_budget import PoolBudget, PoolPredictor
 from server.engine.request import (
@@ -81,6 +82,8 @@ class EngineCore:
                                 prefill_share if async_paging else 0.0)
         self.pinner = AsyncPinner(runner.store, loader_threads, on_load_done)
         self.last_moe_layer = max(self.config.moe_layers, default=-1)
+        self.resident = ResidentPools(runner.store, self.budget)
+        self.max_pools = 0  # pools of the default size the device tier holds (the gateway's max_lora)
         self.predictor = PoolPredictor()
         self.token_text = TokenTexts(loaded.tokenizer.tokenizer)
         self.by_id: dict[str, Sequence] = {}
@@ -95,7 +98,14 @@ class EngineCore:
             detok=Detokenizer(self.tokenizer.tokenizer, req.prompt_token_ids,
                               skip_special_tokens=sp.skip_special_tokens, stop=sp.stop),
             times=SeqTimes(arrival=req.arrival_time))
-        if pool_size is not None:
+        named = req.named_pool
+        if named is not None:
+            self.metrics.pool_requests.labels(pool=named.name).inc()
+            # host tensors: the model checks them without a device sync, then copies them over
+            seq.given_pools = [torch.tensor(ids, dtype=torch.long) if self.config.is_moe(layer) else None
+                               for layer, ids in enumerate(named.experts)]
+            seq.predicted_keys = named.keys  # not a guess: admission counts exactly these
+        elif pool_size is not None:
             seq.predicted_keys = self.predictor.predict(req.prompt_token_ids)
         self.by_id[req.request_id] = seq
         self.scheduler.add(seq)
@@ -188,7 +198,7 @@ class EngineCore:
             return
         self.scheduler.prefilled(seq)
         self.metrics.prompt_tokens.inc(len(seq.prompt_ids))
-        if seq.pools is not None:
+        if seq.pools is not None and seq.given_pools is None:
             self.predictor.observe(seq.prompt_ids, seq.pool_lists())
         try:
             n_prompt = seq.request.sampling.prompt_logprobs
@@ -456,4 +466,8 @@ class EngineCore:
         self.metrics.num_waiting.set(len(self.scheduler.waiting))
         self.metrics.num_loading.set(self.scheduler.num_loading)
         self.metrics.kv_usage.set(self.kv_slots.usage)
+        admitted = self.scheduler.running + self.scheduler.prefilling
+        running = [s.request.named_pool.model for s in admitted if s.request.named_pool]
+        waiting = [s.request.named_pool.model for s in self.scheduler.waiting if s.request.named_pool]
+        self.metrics.update_pool_info(running + list(self.resident.models), waiting, self.max_pools)
         self.metrics.update_memory()

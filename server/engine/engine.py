@@ -1,7 +1,8 @@
 """The engine: one thread owns the device and runs ``EngineCore.step`` in a loop.
 
-Other threads only talk to it through ``submit`` / ``cancel`` / ``shutdown`` (thread-safe
-hand-offs under one condition variable) and read a few counters. Outputs come back through
+Other threads only talk to it through ``submit`` / ``cancel`` / ``shutdown`` and the named-pool
+jobs ``compute_pool`` / ``pin_pool`` / ``unpin_pool`` (thread-safe hand-offs under one condition
+variable; the jobs answer through a Future) and read a few counters. Outputs come back through
 each request's ``on_output`` callback, called on the engine thread: it must not block.
 
 Death: an exception that escapes a step (a bug in the engine itself) or a fatal device error
@@ -17,20 +18,24 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
 
 import torch
 from prometheus_client import CollectorRegistry
 
+from expert_cache.base import SlotsExhausted
 from server.engine.config import MAX_MODEL_LEN_CAP, EngineConfig, resolve_device, resolve_dtype
 from server.engine.core import EngineCore
 from server.engine.faults import is_fatal
 from server.engine.metrics import EngineMetrics
 from server.engine.model_runner import ModelRunner, model_device_dtype
+from server.engine.named_pools import ControlJob, PoolLists, ResidentPools, examples_to_pools
 from server.engine.request import (
     EngineShutdown,
     GenerationRequest,
+    NamedPool,
     PoolSpec,
     QueueFull,
     RequestError,
@@ -81,8 +86,13 @@ class Engine:
                                 loader_threads=config.loader_threads, on_load_done=self._wake,
                                 async_paging=config.async_paging, prefill_share=config.prefill_share)
         self.default_pool: PoolSpec = self._resolve_default_pool()
+        self.resident: ResidentPools = self._core.resident
+        self._core.max_pools = self._core.budget.pools_per_tier(
+            self.default_pool if self.default_pool != "full" else mc.pool_bounds()[1])
+        self.metrics.update_pool_info([], [], self._core.max_pools)
         self._cond = threading.Condition()
         self._inbox: deque[tuple[GenerationRequest, OnOutput, int | None]] = deque()
+        self._jobs: deque[ControlJob] = deque()
         self._cancels: set[str] = set()
         self._active: set[str] = set()
         self._accepting, self._stopping, self._dead = True, False, False
@@ -174,6 +184,74 @@ class Engine:
             self._inbox.append((req, on_output, pool))
             self._cond.notify()
 
+    # ---- named pools (POST /v1/pools): the work runs on the engine thread ------------------
+    def compute_pool(self, examples: Sequence[Sequence[int]], size: int) -> Future[PoolLists]:
+        """The pool EMO's rule picks from all ``examples`` together (per layer id lists).
+        Raises RequestError for a bad size or example; EngineShutdown when stopping."""
+        mc = self.loaded.config
+        try:
+            mc.validate_pool_size(size)
+        except ValueError as e:
+            raise RequestError(str(e), "size") from None
+        # a pool is served later, maybe once other pools are no longer resident: only a pool
+        # larger than the whole device tier can never be served here
+        why = self._core.budget.misfit(size, beside_resident=False)
+        if why is not None:
+            raise RequestError(why, "size", "expert_pool_too_large")
+        for i, ids in enumerate(examples):
+            if not ids:
+                raise RequestError(f"examples[{i}] is empty: at least one token is needed", "examples")
+            if len(ids) > self._max_model_len:
+                raise RequestError(f"examples[{i}] has {len(ids)} tokens, more than this server's "
+                                   f"max_model_len {self._max_model_len}", "examples",
+                                   "context_length_exceeded")
+            bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < mc.vocab_size), None)
+            if bad is not None:
+                raise RequestError(f"examples[{i}]: token id {bad!r} is outside the vocabulary "
+                                   f"[0, {mc.vocab_size})", "examples")
+        frozen = [list(ids) for ids in examples]
+        device = self._core.runner.device
+        return self._control(ControlJob(lambda: examples_to_pools(self.loaded.model, frozen, size, device),
+                                        retry_while_busy=True))
+
+    def pin_pool(self, pool: NamedPool) -> Future[None]:
+        """Keep ``pool`` resident on the device tier (replacing a resident pool of its name).
+        The Future fails with PoolNotResident when it cannot fit; before ``start`` it runs at once."""
+        self.check_named_pool(pool)
+        def pin() -> None:
+            self.resident.pin(pool.name, pool.keys, pool.model)
+            self._core.update_gauges()
+
+        return self._control(ControlJob(pin))
+
+    def unpin_pool(self, name: str) -> Future[None]:
+        def unpin() -> None:
+            self.resident.unpin(name)
+            self._core.update_gauges()
+
+        return self._control(ControlJob(unpin))
+
+    @property
+    def resident_pools(self) -> list[str]:
+        """Names of the pools kept resident on the device tier (any thread)."""
+        return list(self.resident.names)
+
+    def check_resident_fit(self, pools: Sequence[NamedPool]) -> str | None:
+        """Why these pools cannot all be resident together (with the numbers), or None."""
+        return self.resident.check_fit({p.name: p.keys for p in pools})
+
+    def _control(self, job: ControlJob) -> Future[Any]:
+        with self._cond:
+            if self._dead or self._stopping:
+                raise EngineShutdown("the engine is shutting down" if not self._dead
+                                     else "the engine thread has stopped after an internal error")
+            if self._thread is None:  # not started: nothing else touches the device yet
+                self._run_job(job)
+                return job.future
+            self._jobs.append(job)
+            self._cond.notify()
+        return job.future
+
     def cancel(self, request_id: str) -> None:
         """Abort a request (no-op if unknown or finished); effective within one engine step."""
         with self._cond:
@@ -215,6 +293,8 @@ class Engine:
                 f"{len(ids) + sp.max_tokens} tokens ({len(ids)} in the prompt, {sp.max_tokens} in the "
                 f"completion). Please reduce the length of the prompt or of max_tokens.",
                 "prompt" if len(ids) > limit else "max_tokens", "context_length_exceeded")
+        if req.named_pool is not None:
+            return self.check_named_pool(req.named_pool)
         spec = req.expert_pool if req.expert_pool is not None else self.default_pool
         if spec == "full":
             return None
@@ -227,7 +307,69 @@ class Engine:
             raise RequestError(why, "expert_pool", "expert_pool_too_large")
         return pool
 
+    def check_named_pool(self, pool: NamedPool) -> int:
+        """The pool's size, after checking its shape against the model and the device tier.
+        Raises RequestError naming what does not fit (any thread: reads immutable state)."""
+        mc = self.loaded.config
+        if len(pool.experts) != mc.num_layers:
+            raise RequestError(f"pool {pool.name!r} has {len(pool.experts)} layers, the model "
+                               f"{mc.num_layers}", "model")
+        for layer, ids in enumerate(pool.experts):
+            want = pool.size if mc.is_moe(layer) else 0
+            allowed = set(mc.routable_experts(layer)) if mc.is_moe(layer) else set()
+            if len(ids) != want or len(set(ids)) != want or not set(ids) <= allowed:
+                raise RequestError(f"pool {pool.name!r}: layer {layer} does not hold {want} distinct "
+                                   f"routable experts of this model", "model")
+        try:
+            size = mc.validate_pool_size(pool.size)
+        except ValueError as e:
+            raise RequestError(f"pool {pool.name!r}: {e}", "model") from None
+        why = self._core.budget.misfit(size, pool.keys)
+        if why is not None:
+            raise RequestError(why, "model", "expert_pool_too_large")
+        return size
+
     # ---- the engine thread -----------------------------------------------------------------
+    def _run_job(self, job: ControlJob) -> bool:
+        """Run one control job; False when it must wait for device expert slots (retry later)."""
+        if job.future.done():  # cancelled by its caller
+            return True
+        try:
+            job.future.set_result(job.run())
+        except SlotsExhausted as e:
+            if job.retry_while_busy and self._core.has_work:
+                return False
+            job.future.set_exception(RequestError(
+                f"the device expert cache has no free slot to compute the pool in: {e}", None,
+                "expert_slots_exhausted"))
+        except BaseException as e:  # noqa: BLE001 - the job's caller gets the error
+            job.future.set_exception(e)
+            if is_fatal(e):  # a poisoned device: the engine stops, as for a failed step
+                raise
+        return True
+
+    def _run_jobs(self) -> None:
+        if not self._jobs:  # the common case, without taking the lock
+            return
+        with self._cond:
+            jobs, self._jobs = self._jobs, deque()
+        waiting: list[ControlJob] = []
+        for job in jobs:
+            # a job that backed off runs again only once every slab has a free slot again
+            busy = job.retry_while_busy and self._core.has_work and not self._core.budget.has_free_slot()
+            if busy or not self._run_job(job):
+                waiting.append(job)
+        if waiting:
+            with self._cond:
+                self._jobs.extendleft(reversed(waiting))
+
+    def _fail_jobs(self, error: BaseException) -> None:
+        with self._cond:
+            jobs, self._jobs = self._jobs, deque()
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_exception(error)
+
     def _forget(self, request_id: str) -> None:
         with self._cond:
             self._active.discard(request_id)
@@ -269,16 +411,19 @@ class Engine:
             while True:
                 with self._cond:
                     busy = core.has_work and not idle
-                    if not (self._inbox or self._cancels or busy or self._stopping or self._woken):
+                    if not (self._inbox or self._cancels or busy or self._stopping or self._woken
+                            or self._jobs):
                         self._cond.wait(timeout=0.5)
                     self._woken = False
                     stopping, deadline = self._stopping, self._deadline
                 for request_id in self._drain_inbox():
                     core.abort(request_id)
+                self._run_jobs()
                 if stopping and (not core.has_work or time.monotonic() >= deadline):
                     core.abort_all("abort")
                     core.update_gauges()
                     self._answer_inbox("the engine stopped before this request was admitted")
+                    self._fail_jobs(EngineShutdown("the engine is shutting down"))
                     core.close()
                     return
                 idle = not core.step()
@@ -300,6 +445,7 @@ class Engine:
                 self._core.by_id.pop(seq.request_id, None)
                 self._core.reject(seq.request, seq.on_output, RuntimeError(message))
         self._answer_inbox(message)
+        self._fail_jobs(EngineShutdown(message))
         try:
             self._core.close(wait=False)  # abandoned loads release their pins as they land
         except Exception:  # noqa: BLE001

@@ -80,6 +80,29 @@ class EngineMetrics:
                                   "torch.cuda.memory_reserved on CUDA; process RSS on CPU.",
                                   registry=registry)
         self._mem_updated = 0.0
+        self.pool_requests = Counter("emo_serve_pool_requests",
+                                     "Requests run on a named expert pool (POST /v1/pools), by pool.",
+                                     ["pool"], registry=registry)
+        # vLLM's vllm:lora_requests_info, which the Gateway API Inference Extension's endpoint
+        # picker reads for adapter affinity: the labels carry the state, the value is the time
+        # of its last change. One series only: the old one is removed when the state changes.
+        self.pool_info = Gauge("emo_serve_lora_requests_info",
+                               "Named pools (as LoRA adapters) running and waiting; value: time of "
+                               "the last change.",
+                               ["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+                               registry=registry)
+        self._pool_info_labels: tuple[str, str, str] | None = None
+
+    def update_pool_info(self, running: list[str], waiting: list[str], max_pools: int) -> None:
+        """Named-pool model ids of running (and resident) and of waiting requests, and how many
+        default-size pools the device tier holds."""
+        labels = (",".join(sorted(set(running))), ",".join(sorted(set(waiting))), str(max_pools))
+        if labels == self._pool_info_labels:
+            return
+        if self._pool_info_labels is not None:
+            self.pool_info.remove(*self._pool_info_labels)
+        self.pool_info.labels(*labels).set(time.time())
+        self._pool_info_labels = labels
 
     def update_memory(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now

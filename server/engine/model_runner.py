@@ -2,13 +2,16 @@
 accounts expert-cache traffic per request.
 
 Expert accounting: ``expert_store.stats()`` is read before and after each model call. A
-prefill's delta belongs to its one request. A decode's delta is split evenly over the rows of
-the step (remainder to the first rows): the store cannot tell which row an expert load served,
-and rows sharing a batch share its loads.
+prefill's delta belongs to its one request: a pool request's misses are its pool's cold
+experts. In a decode step a row whose pool is pinned cannot miss (every expert it may route to
+has been held since its prefill), so the step's misses and bytes loaded belong to the
+full-routing rows, split evenly among them: the store cannot tell which of them a load served.
+Hits are lookups the rows share, split evenly over all rows (remainders to the first rows).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from typing import TYPE_CHECKING, TypeVar
@@ -24,6 +27,7 @@ if TYPE_CHECKING:
     from server.model.loader import LoadedModel
 
 T = TypeVar("T")
+log = logging.getLogger("emo_serve.engine")
 
 
 def model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -38,6 +42,11 @@ def _traffic(store: ExpertStore) -> tuple[int, int, int]:
     return t.hits, t.misses, t.bytes_loaded
 
 
+def _even(total: int, n: int) -> list[int]:
+    """``total`` in ``n`` integer shares, the remainder one each to the first shares."""
+    return [total // n + (1 if i < total % n else 0) for i in range(n)]
+
+
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, num_slots: int, max_len: int,
                  kv_dtype: torch.dtype | None = None) -> None:
@@ -48,6 +57,14 @@ class ModelRunner:
         self.kv = KVCache(self.config, num_slots, max_len, self.device, kv_dtype or self.dtype)
         self.num_layers = self.config.num_layers
         self.max_experts = max(self.config.num_experts)
+        if self.device.type == "cuda" and self.model.fast_decode:
+            # decode steps of rows whose experts stay on the device replay CUDA graphs, captured
+            # here at start-up per batch bucket; the CPU runs the same step eagerly
+            try:
+                self.model.capture_decode_graphs(self.kv, num_slots)
+            except Exception:  # noqa: BLE001 - serve without graphs rather than not at all
+                log.exception("CUDA graph capture of the decode step failed; decoding without graphs")
+                torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
     def prefill(self, seq: Sequence) -> torch.Tensor:
@@ -58,7 +75,7 @@ class ModelRunner:
         ids = torch.tensor(seq.prompt_ids, dtype=torch.long, device=self.device)
         before = _traffic(self.store)
         out = self.model.prefill(ids, self.kv, seq.slot, pool_size=seq.pool_size,
-                                 pin_pool=seq.is_pool,
+                                 pin_pool=seq.is_pool, given_pools=seq.given_pools,
                                  all_logits=seq.request.sampling.prompt_logprobs is not None)
         seq.pinned = list(out.pinned) if seq.is_pool else []  # first: release() must find them
         after = _traffic(self.store)
@@ -68,6 +85,10 @@ class ModelRunner:
         if seq.is_pool:
             seq.pools = list(out.pools) if out.pools is not None else None
             seq.pool_mask = self.model.pool_mask_row(seq.pools).to(self.device)  # [L, E_max]
+            seq.slot_table = self.model.slot_table_row(seq.pools, dict(zip(out.pinned, out.pinned_slots,
+                                                                           strict=True)))
+        else:  # full routing: a fixed table when nothing pages, else the eager paging path
+            seq.slot_table = self.model.resident_table()
         return out.logits
 
     # ---- the prefill in pieces (the engine's path; ``prefill`` above is the same, whole) --------
@@ -76,7 +97,8 @@ class ModelRunner:
             raise ValueError(f"request {seq.request_id}: prefill without a KV slot")
         ids = torch.tensor(seq.prompt_ids, dtype=torch.long, device=self.device)
         seq.prefill = self.model.prefill_start(ids, self.kv, seq.slot, pool_size=seq.pool_size,
-                                               all_logits=seq.request.sampling.prompt_logprobs is not None)
+                                               all_logits=seq.request.sampling.prompt_logprobs is not None,
+                                               given_pools=seq.given_pools)
 
     def prefill_attend(self, seq: Sequence) -> list[ExpertKey]:
         """Attention of the next layer; the keys that must be resident before its MLP runs:
@@ -105,7 +127,23 @@ class ModelRunner:
         if seq.is_pool:
             seq.pools = state.pools
             seq.pool_mask = self.model.pool_mask_row(seq.pools).to(self.device)  # [L, E_max]
+            # the pool is pinned (here or by loader threads): its slots cannot move; a second
+            # pin finds them without a read, and is dropped at once
+            slots = self._counted(seq, lambda: self._slots_of(seq.pinned))
+            seq.slot_table = self.model.slot_table_row(seq.pools, dict(zip(seq.pinned, slots, strict=True)))
+        else:  # full routing: a fixed table when nothing pages, else the eager paging path
+            seq.slot_table = self.model.resident_table()
         return logits
+
+    def _slots_of(self, keys: list[ExpertKey]) -> list[int]:
+        slots: list[int] = []
+        for layer in dict.fromkeys(k[0] for k in keys):  # one acquire per slab call: one layer each
+            group = [k for k in keys if k[0] == layer]
+            slots.extend(self.store.acquire_slots(group))
+            self.store.release(group)
+        order = {k: i for i, k in enumerate(k for layer in dict.fromkeys(k[0] for k in keys)
+                                              for k in keys if k[0] == layer)}
+        return [slots[order[k]] for k in keys]
 
     @staticmethod
     def _state(seq: Sequence) -> PrefillState:
@@ -126,12 +164,18 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, seqs: Seq[Sequence]) -> torch.Tensor:
         """One token for every row: float32 logits [B, V]."""
-        ids = torch.tensor([s.last_token for s in seqs], dtype=torch.long, device=self.device)
-        positions = torch.tensor([s.num_tokens - 1 for s in seqs], dtype=torch.long, device=self.device)
-        slots = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=self.device)
-        mask = self.pool_mask(seqs)
+        # host tensors: the model moves them with one copy each (or its graphs take them as
+        # values); positions stay readable on the host without a device sync
+        ids = torch.tensor([s.last_token for s in seqs], dtype=torch.long)
+        positions = torch.tensor([s.num_tokens - 1 for s in seqs], dtype=torch.long)
+        slots = torch.tensor([s.slot for s in seqs], dtype=torch.long)
+        tables = [s.slot_table for s in seqs if s.slot_table is not None]
+        # every row's experts stay on the device: the static step, no pool mask, no store calls
+        fast = self.model.fast_decode and len(tables) == len(seqs)
+        mask = None if fast else self.pool_mask(seqs)
         before = _traffic(self.store)
-        logits = self.model.decode(ids, positions, self.kv, slots, mask)
+        logits = self.model.decode(ids, positions, self.kv, slots, mask,
+                                   slot_tables=torch.stack(tables) if fast else None)
         after = _traffic(self.store)
         self._split(seqs, [a - b for a, b in zip(after, before, strict=True)])
         return logits
@@ -145,12 +189,14 @@ class ModelRunner:
 
     @staticmethod
     def _split(seqs: Seq[Sequence], delta: list[int]) -> None:
-        n = len(seqs)
-        for i, seq in enumerate(seqs):
-            share = [d // n + (1 if i < d % n else 0) for d in delta]
-            seq.experts.hits += share[0]
-            seq.experts.misses += share[1]
-            seq.experts.bytes_loaded += share[2]
+        hits, misses, loaded = delta
+        for seq, share in zip(seqs, _even(hits, len(seqs)), strict=True):
+            seq.experts.hits += share
+        can_miss = [s for s in seqs if not s.pinned] or list(seqs)
+        n = len(can_miss)
+        for seq, m, b in zip(can_miss, _even(misses, n), _even(loaded, n), strict=True):
+            seq.experts.misses += m
+            seq.experts.bytes_loaded += b
 
     def release(self, seq: Sequence) -> None:
         """Drop the sequence's pool pins (exactly once)."""

@@ -54,21 +54,41 @@ class PoolBudget:
         self.groups = slab_groups(store, moe_layers)
         self.reserve = reserve
         self.num_keys = num_keys  # routable experts in the catalog
+        # Experts pinned for the server's life (--pin-pools). They take slots no other pool
+        # can use, and a pool that shares them needs no slot for them. Replaced, never mutated,
+        # so other threads may read it.
+        self.resident: frozenset[ExpertKey] = frozenset()
 
     def need(self, pool_size: int) -> list[int]:
         """Slots a pool of ``pool_size`` per layer needs in each slab group."""
         return [pool_size * len(g.layers) for g in self.groups]
 
-    def misfit(self, pool_size: int) -> str | None:
-        """Why a pool of this size can never be pinned on this device tier, or None if it can."""
-        for g, need in zip(self.groups, self.need(pool_size), strict=True):
+    def held(self, keys: frozenset[ExpertKey]) -> list[int]:
+        """How many of ``keys`` fall in each slab group."""
+        return [sum(1 for k in keys if k[0] in g.layers) for g in self.groups]
+
+    def misfit(self, pool_size: int, keys: Sequence[ExpertKey] | None = None,
+               beside_resident: bool = True) -> str | None:
+        """Why a pool of this size (of exactly ``keys`` when known) can never be pinned on this
+        device tier (next to the resident pools unless ``beside_resident`` is False), or None."""
+        resident = self.resident if beside_resident else frozenset()
+        need = self.need(pool_size)
+        if keys is not None:
+            need = [n - s for n, s in zip(need, self.held(resident & frozenset(keys)), strict=True)]
+        for g, n, held in zip(self.groups, need, self.held(resident), strict=True):
             cap = self.store.capacity(g.rep)
-            if need > cap:
-                return (f"expert_pool={pool_size} needs {need} device expert slots ({pool_size} x "
+            if n > cap - held:
+                pinned = f", {held} of them held by pinned pools" if held else ""
+                return (f"expert_pool={pool_size} needs {n} device expert slots ({pool_size} x "
                         f"{len(g.layers)} layers) but the device expert cache holds {cap} for "
-                        f"layers {g.layers[0]}..{g.layers[-1]}; use a pool <= {cap // len(g.layers)} "
-                        f"or a larger --expert-cache")
+                        f"layers {g.layers[0]}..{g.layers[-1]}{pinned}; use a pool <= "
+                        f"{(cap - held) // len(g.layers)} or a larger --expert-cache")
         return None
+
+    def pools_per_tier(self, pool_size: int) -> int:
+        """How many pools of ``pool_size`` the device tier holds at once (no overlap assumed)."""
+        return min((self.store.capacity(g.rep) // n for g, n in zip(self.groups, self.need(pool_size),
+                                                                    strict=True) if n), default=0)
 
     def can_admit_pool(self, pool_size: int, full_running: bool,
                        predicted: Sequence[ExpertKey] | None = None,
@@ -83,6 +103,7 @@ class PoolBudget:
         need = self.need(pool_size)
         if reserved is not None:
             need = [n + r for n, r in zip(need, reserved, strict=True)]
+        pinned = pinned | self.resident
         if predicted and pinned:
             shared = [sum(1 for k in set(predicted) if k in pinned and k[0] in g.layers) for g in self.groups]
             need = [n - s for n, s in zip(need, shared, strict=True)]
@@ -92,6 +113,10 @@ class PoolBudget:
     def can_miss(self) -> bool:
         """Whether the device tier is smaller than the experts: some step may have to page."""
         return sum(self.store.capacity(g.rep) for g in self.groups) < self.num_keys
+
+    def has_free_slot(self) -> bool:
+        """Every slab has an unpinned slot (what computing a pool from examples needs)."""
+        return all(self.store.free_slots(g.rep) > 0 for g in self.groups)
 
     def can_admit_full(self) -> bool:
         return all(self.store.free_slots(g.rep) >= min(self.reserve, self.store.capacity(g.rep))

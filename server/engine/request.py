@@ -118,9 +118,30 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class NamedPool:
+    """A pool fixed in advance (POST /v1/pools): ``experts[layer]`` = sorted expert ids, empty
+    for dense layers. ``name`` is the pool's name, ``model`` the model id clients ask for."""
+
+    name: str
+    model: str
+    experts: tuple[tuple[int, ...], ...]
+
+    @property
+    def size(self) -> int:
+        return max((len(ids) for ids in self.experts), default=0)
+
+    @property
+    def keys(self) -> list[tuple[int, int]]:
+        """(layer, expert) of every expert of the pool."""
+        return [(layer, e) for layer, ids in enumerate(self.experts) for e in ids]
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """One generation. ``expert_pool``: experts per MoE layer, "full" (per-token routing over all
-    experts) or None (the engine's default). ``arrival_time`` is ``time.monotonic()``."""
+    experts) or None (the engine's default). ``named_pool``: run on that pool whatever the
+    prompt (its selection at prefill is skipped); excludes ``expert_pool``.
+    ``arrival_time`` is ``time.monotonic()``."""
 
     request_id: str
     prompt_token_ids: list[int]
@@ -128,6 +149,7 @@ class GenerationRequest:
     expert_pool: PoolSpec | None = None
     return_expert_pool: bool = False
     arrival_time: float = field(default_factory=time.monotonic)
+    named_pool: NamedPool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.request_id, str) or not self.request_id:
@@ -139,6 +161,8 @@ class GenerationRequest:
         if not (pool is None or pool == "full" or (isinstance(pool, int) and not isinstance(pool, bool))):
             raise ValueError(f"GenerationRequest.expert_pool: must be an integer, 'full' or None, "
                              f"got {pool!r}")
+        if self.named_pool is not None and pool is not None:
+            raise ValueError("GenerationRequest: give expert_pool or named_pool, not both")
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,11 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     slot: int | None = None  # KV slot while running
     pools: list[torch.Tensor | None] | None = None  # per layer, from prefill (pool requests)
+    given_pools: list[torch.Tensor | None] | None = None  # a named pool: prefill uses it as is
     pool_mask: torch.Tensor | None = None  # [L, E_max] bool on the device (pool requests)
+    # int32 [L, E_max] on the device: slab slot per expert id while the request runs (pool
+    # rows: their pinned pool; full routing: set only when every expert stays resident)
+    slot_table: torch.Tensor | None = None
     pinned: list[ExpertKey] = field(default_factory=list)  # released exactly once at the end
     prefill: PrefillState | None = None  # while prefilling: the prompt part-way through the layers
     load: ExpertLoad | None = None  # while loading: the loader-thread load it waits for

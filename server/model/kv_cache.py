@@ -1,7 +1,9 @@
 """Per-layer key/value storage indexed by (slot, position).
 
 A slot holds one sequence; the engine owns the mapping from requests to slots.
-Layout per layer: ``k[layer]``, ``v[layer]``: [num_slots, num_kv_heads, max_len, head_dim].
+Layout per layer: ``kv[layer]`` [num_slots, 2, num_kv_heads, max_len, head_dim], keys then
+values of a slot side by side, so a decode step writes both with one scatter and reads both with
+one gather; ``k[layer]`` and ``v[layer]`` are views of it [num_slots, num_kv_heads, max_len, head_dim].
 """
 
 from __future__ import annotations
@@ -24,13 +26,16 @@ class KVCache:
             raise ValueError(f"KVCache needs num_slots > 0 and max_len > 0, got {num_slots}, {max_len}")
         self.num_slots, self.max_len, self.dtype = num_slots, max_len, dtype
         self.device = torch.device(device)
-        shape = (num_slots, config.num_kv_heads, max_len, config.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(config.num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(config.num_layers)]
+        shape = (num_slots, 2, config.num_kv_heads, max_len, config.head_dim)
+        self.kv = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(config.num_layers)]
+        self.k = [t[:, 0] for t in self.kv]
+        self.v = [t[:, 1] for t in self.kv]
+        # [num_slots, 2 * num_kv_heads, max_len, head_dim]: keys then values as one head axis
+        self.heads = [t.view(num_slots, -1, max_len, config.head_dim) for t in self.kv]
 
     @staticmethod
     def bytes_per_slot(config: ModelConfig, max_len: int, dtype: torch.dtype) -> int:
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         return 2 * config.num_layers * config.num_kv_heads * max_len * config.head_dim * itemsize
 
     def check_positions(self, last_position: int) -> None:

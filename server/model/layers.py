@@ -7,6 +7,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def as_float(t: torch.Tensor) -> torch.Tensor:
+    """``t.float()`` without dispatching anything when ``t`` is float32 already."""
+    return t if t.dtype == torch.float32 else t.float()
+
+
 def frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
 
@@ -19,8 +24,10 @@ class RMSNorm(nn.Module):
         self.weight, self.eps = frozen(weight), eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        # F.rms_norm computes exactly x * rsqrt(mean(x^2) + eps) (* w): one op instead of eight
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        normed = F.rms_norm(x.float(), self.weight.shape, None, self.eps)
         return self.weight * normed.to(x.dtype)
 
 

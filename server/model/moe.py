@@ -17,8 +17,8 @@ from torch import nn
 
 from expert_cache.base import ExpertStore, SlotsExhausted
 from server.model.config import ModelConfig
-from server.model.layers import SwiGLU, expert_forward, frozen
-from server.model.routing import LayerRouting, Routes, route
+from server.model.layers import SwiGLU, as_float, expert_forward, frozen
+from server.model.routing import LayerRouting, Routes, always_index, pick_routes, route
 
 
 @dataclass
@@ -54,8 +54,16 @@ class MoEBlock(nn.Module):
         super().__init__()
         self.layer = layer
         self.spec = LayerRouting.from_config(config, layer)
-        self.router = frozen(router)
-        self.fixed_gate_up, self.fixed_down = frozen(fixed_gate_up), frozen(fixed_down)
+        E, H = router.shape
+        # the router and the fixed experts' gate/up rows read the same input: one fused weight,
+        # one matmul (the names stay as views of it)
+        self.router_fixed = frozen(torch.cat([router, fixed_gate_up.reshape(-1, H)]))  # [E + F*2I, H]
+        self.router = self.router_fixed.detach()[:E]
+        self.fixed_gate_up = self.router_fixed.detach()[E:].view(fixed_gate_up.shape)  # [F, 2I, H]
+        self.router_fixed_t = self.router_fixed.detach().t()  # for addmm
+        self.fixed_down = frozen(fixed_down)
+        self.shared_down = self.fixed_down.detach()[0] if self.spec.num_shared == 1 else None  # [H, I]
+        self.always = always_index(self.spec, router.device)
         self.shared_mlp = shared_mlp
         self.shared_mlp_gate = None if shared_mlp_gate is None else frozen(shared_mlp_gate)  # [1, H]
         self.store = store
@@ -82,6 +90,57 @@ class MoEBlock(nn.Module):
             gate = torch.sigmoid(F.linear(x, self.shared_mlp_gate))  # [T, 1]
             out += (gate * self.shared_mlp(x)).float()
         return out.to(x.dtype)
+
+    def decode_step(
+        self, x: torch.Tensor, table: torch.Tensor, bias: torch.Tensor, gate_up: torch.Tensor,
+        down: torch.Tensor,
+    ) -> torch.Tensor:
+        """``forward`` for a decode step over experts already on the device, with no host reads
+        and no store calls: each row's k experts are read at ``slab[table[row, id]]``.
+
+        x [B, H] (normed); table [B, >= E] int32: the slab slot of each expert id for this row
+        (-1 outside its pool); bias [B, >= E + F*2I] in x's dtype: the pool as an additive
+        router bias (0 / -inf), 0 over the fixed experts' columns; gate_up, down: this layer's slab.
+        """
+        spec, B = self.spec, x.shape[0]
+        E, S, k = spec.num_experts, spec.num_shared, spec.num_routed
+        width = self.router_fixed.shape[0]
+        if bias.shape[1] != width:
+            bias = bias[:, :width]
+        fused = torch.addmm(bias, x, self.router_fixed_t)  # [B, E + F*2I]: masked logits, fixed h
+        if S > 0:
+            routable, shared, fixed_h = fused.split_with_sizes([E - S, S, width - E], dim=1)
+            weights, ids = torch.topk(torch.softmax(as_float(routable), dim=-1), k, dim=-1)  # [B, k]
+            fixed_weights = None if S == 1 else torch.softmax(as_float(shared), dim=-1)  # [B, S]
+        else:
+            logits, fixed_h = fused.split_with_sizes([E, width - E], dim=1)
+            routes = pick_routes(as_float(logits), spec, self.always)
+            weights, ids, fixed_weights = routes.weights, routes.ids, routes.fixed_weights
+        slots = table.gather(1, ids).view(-1)  # [B*k]
+        # index_select: several times faster than advanced indexing for whole-expert rows
+        gate_up = gate_up.index_select(0, slots)  # [B*k, 2I, H]
+        down = down.index_select(0, slots)  # [B*k, H, I]
+        if B == 1:  # the shape is static: no per-row pairing to keep
+            gate, up = torch.einsum("kih,bh->bki", gate_up, x).chunk(2, dim=-1)  # [1, k, I] each
+            y = torch.einsum("khi,bki->bkh", down, F.silu(gate) * up)  # [1, k, H]
+        else:
+            h = torch.einsum("bkih,bh->bki", gate_up.view(B, k, *gate_up.shape[1:]), x)
+            gate, up = h.chunk(2, dim=-1)
+            y = torch.einsum("bkhi,bki->bkh", down.view(B, k, *down.shape[1:]), F.silu(gate) * up)
+        out = torch.einsum("bkh,bk->bh", as_float(y), weights)  # float32 [B, H]
+        n_fixed = self.fixed_down.shape[0]
+        if self.shared_down is not None:  # one shared expert: its weight softmax([logit]) is exactly 1
+            gate_f, up_f = fixed_h.chunk(2, dim=-1)  # [B, I] each
+            out = out + as_float(F.linear(F.silu(gate_f) * up_f, self.shared_down))
+        elif n_fixed:
+            gate_f, up_f = fixed_h.view(B, n_fixed, -1).chunk(2, dim=-1)  # [B, F, I] each
+            y_f = torch.einsum("fhi,bfi->bfh", self.fixed_down, F.silu(gate_f) * up_f)
+            assert fixed_weights is not None
+            out = out + torch.einsum("bfh,bf->bh", as_float(y_f), fixed_weights)
+        if self.shared_mlp is not None:
+            assert self.shared_mlp_gate is not None, "shared_mlp without shared_mlp_gate"
+            out = out + as_float(torch.sigmoid(F.linear(x, self.shared_mlp_gate)) * self.shared_mlp(x))
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
 
     def routed(self, x: torch.Tensor, routes: Routes) -> torch.Tensor:
         """Sum over each token's chosen routable experts, looping only over distinct experts."""

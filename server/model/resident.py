@@ -98,6 +98,10 @@ class ResidentExpertStore(ExpertStore):
             self._hits += len(keys)
             return [self._slot[k] for k in keys]
 
+    def slots_of(self, keys: Sequence[ExpertKey]) -> list[int]:
+        """The slots of ``keys``: fixed at load (nothing moves here), so no pin is needed."""
+        return [self._slot[k] for k in keys]
+
     def release(self, keys: Sequence[ExpertKey]) -> None:
         with self.lock:
             need = Counter(keys)

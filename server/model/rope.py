@@ -110,3 +110,20 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [N, heads, D]; cos, sin: [N, D]."""
     return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
+
+
+def rope_table(rotary: RotaryEmbedding, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """[length, 2, D]: cos and the signed sin of every decode position p (a decode row at p is a
+    sequence of p + 1 tokens, which is what dynamic scaling reads). The values are those the
+    per-step computation gives, computed once; ``apply_rope_rolled`` uses them."""
+    positions = torch.arange(length, device=rotary.inv_freq.device)
+    cos, sin = rotary(positions, positions + 1, dtype)  # [length, D] each
+    half = cos.shape[-1] // 2
+    signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+    return torch.stack((cos, signed_sin), dim=1)
+
+
+def apply_rope_rolled(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """``apply_rope`` with the sign of rotate_half folded into the table: rotate_half(x) * sin
+    equals roll(x, D/2) * signed_sin element for element (negation is exact), in one op fewer."""
+    return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * signed_sin

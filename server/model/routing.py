@@ -12,6 +12,7 @@ softmax. Fixed (shared / always-active) experts are never masked.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -52,22 +53,41 @@ def route(logits: torch.Tensor, spec: LayerRouting, allowed: torch.Tensor | None
     """logits [T, E] (any float dtype); allowed [T, E] or [1, E] bool (True = routable expert
     allowed) or None for full routing."""
     logits = logits.float()
+    masked = logits
+    if allowed is not None:
+        keep = allowed[:, : spec.num_experts] | fixed_columns(spec, logits.device)  # fixed: never masked
+        masked = logits.masked_fill(~keep, float("-inf"))
+    return pick_routes(masked, spec, always_index(spec, logits.device))
+
+
+def pick_routes(masked: torch.Tensor, spec: LayerRouting, always: torch.Tensor | None) -> Routes:
+    """Routes from float32 logits [T, E] the pool was already applied to (-inf = not allowed;
+    fixed experts unmasked). ``always``: ``spec.always_active`` as int64 on the logits' device."""
     E, S, k = spec.num_experts, spec.num_shared, spec.num_routed
-    masked = logits if allowed is None else logits.masked_fill(~allowed[:, :E], float("-inf"))
     if S > 0:
-        p_std = torch.softmax(masked[:, : E - S], dim=-1)  # [T, E-S]
-        weights, ids = torch.topk(p_std, k, dim=-1)
-        fixed_weights = torch.softmax(logits[:, E - S:], dim=-1)  # [T, S]
-        return Routes(ids, weights, fixed_weights)
+        weights, ids = torch.topk(torch.softmax(masked[:, : E - S], dim=-1), k, dim=-1)  # [T, k]
+        return Routes(ids, weights, torch.softmax(masked[:, E - S:], dim=-1))
     if spec.always_active:
-        always = torch.tensor(spec.always_active, device=logits.device)
-        if allowed is not None:  # never mask the always-active experts
-            masked = masked.index_copy(1, always, logits.index_select(1, always))
+        assert always is not None, "always-active routing needs the index of those experts"
         p = torch.softmax(masked, dim=-1)  # [T, E]
         weights, ids = torch.topk(p.index_fill(1, always, -1.0), k, dim=-1)
         return Routes(ids, weights, p.index_select(1, always))
-    p = torch.softmax(masked, dim=-1)
-    weights, ids = torch.topk(p, k, dim=-1)
+    weights, ids = torch.topk(torch.softmax(masked, dim=-1), k, dim=-1)
     if spec.norm_topk_prob:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    return Routes(ids, weights, logits.new_zeros(logits.shape[0], 0))
+    return Routes(ids, weights, masked.new_zeros(masked.shape[0], 0))
+
+
+@lru_cache(maxsize=256)
+def fixed_columns(spec: LayerRouting, device: torch.device) -> torch.Tensor:
+    """[E] bool, True at the fixed (shared / always-active) ids; made once (read-only)."""
+    mask = torch.zeros(spec.num_experts, dtype=torch.bool)
+    if spec.fixed:
+        mask[list(spec.fixed)] = True
+    return mask.to(device)
+
+
+@lru_cache(maxsize=256)
+def always_index(spec: LayerRouting, device: torch.device) -> torch.Tensor | None:
+    """``spec.always_active`` as int64 on ``device`` (None when empty); made once (read-only)."""
+    return torch.tensor(spec.always_active, device=device) if spec.always_active else None

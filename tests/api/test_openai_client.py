@@ -12,6 +12,7 @@ import openai
 import pytest
 from openai import OpenAI
 
+from expert_cache import TieredExpertCache
 from server.model.synth import sample_prompt
 from tests.api.live_server import LiveServer, live_server, serve_config, wait_for
 
@@ -114,7 +115,18 @@ def test_chat_logprobs(client: OpenAI) -> None:
         assert token.logprob == max(t.logprob for t in token.top_logprobs)  # greedy picks the best
 
 
+def _traffic(live: LiveServer) -> tuple[int, int, int]:
+    """Device hits, misses and bytes paged in so far, once queued prefetches have landed."""
+    store = live.store
+    if isinstance(store, TieredExpertCache):
+        assert store.wait_for_prefetch(30)
+    s = store.stats()
+    return s.device.hits, s.device.misses, s.bytes_loaded_from_host + s.bytes_loaded_from_disk
+
+
 def test_extension_fields_through_extra_body(client: OpenAI, live: LiveServer) -> None:
+    live.wait_idle()
+    before = _traffic(live)
     r = client.completions.create(model="tiny", prompt=CODE, max_tokens=6, temperature=0.7,
                                   extra_body={"expert_pool": 8, "return_expert_pool": True, "top_k": 5,
                                               "min_p": 0.05, "repetition_penalty": 1.2, "seed": 3})
@@ -125,8 +137,13 @@ def test_extension_fields_through_extra_body(client: OpenAI, live: LiveServer) -
         assert len(experts) == 8 and set(experts) <= set(mc.routable_experts(layer))
     assert r.choices[0].model_extra["expert_pool"] == pool  # type: ignore[index]
     usage = r.usage.model_extra  # type: ignore[union-attr]
+    live.wait_idle()
+    hits, misses, loaded = (b - a for a, b in zip(before, _traffic(live), strict=True))
+    # the only request in flight: its usage is the cache's own counting over the request
     assert usage["expert_cache_hits"] + usage["expert_cache_misses"] > 0
-    assert usage["expert_cache_bytes_loaded"] >= 0
+    assert (usage["expert_cache_hits"], usage["expert_cache_misses"]) == (hits, misses)
+    expert_bytes = live.engine.loaded.catalog.expert_bytes(0)
+    assert misses * expert_bytes <= usage["expert_cache_bytes_loaded"] <= loaded
     full = client.completions.create(model="tiny", prompt=CODE, max_tokens=2,
                                      extra_body={"expert_pool": "full", "return_expert_pool": True})
     assert full.model_extra["expert_pool"]["size"] == "full"  # type: ignore[index]

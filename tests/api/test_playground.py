@@ -26,6 +26,7 @@ import pytest
 from server.demo import DEMO_MODEL_NAME, demo_model_dir
 from server.model.config import load_config
 from tests.api.live_server import LiveServer, live_server, serve_config, wait_for
+from tests.optional import missing
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's package; playwright's own browser download is not used
 SCREENSHOT_ENV = "EMO_SERVE_PLAYGROUND_SCREENSHOT"
@@ -39,13 +40,10 @@ if importlib.util.find_spec("playwright") is not None:
 
 
 def require_browser() -> None:
-    missing = [what for what, ok in (("the playwright package", importlib.util.find_spec("playwright")),
-                                     (CHROMIUM, os.access(CHROMIUM, os.X_OK))) if not ok]
-    if missing:
-        why = f"{' and '.join(missing)} missing (apt-get install -y chromium; pip install playwright)"
-        if os.environ.get("CI"):
-            pytest.fail(f"the browser test must run in CI: {why}")
-        pytest.skip(why)
+    absent = [what for what, ok in (("the playwright package", importlib.util.find_spec("playwright")),
+                                    (CHROMIUM, os.access(CHROMIUM, os.X_OK))) if not ok]
+    if absent:
+        missing(" and ".join(absent), "apt-get install -y chromium; pip install playwright")
 
 
 @pytest.fixture(scope="module")

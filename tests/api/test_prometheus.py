@@ -5,9 +5,7 @@ Debian's `prometheus` package provides it)."""
 from __future__ import annotations
 
 import math
-import os
 import random
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,6 +17,7 @@ import pytest
 from server.model.config import load_config
 from server.model.synth import sample_prompt
 from tests.api.live_server import LOOPBACK, LiveServer, free_port, live_server, serve_config
+from tests.optional import require_binary
 
 HIT_RATE = (
     'sum(rate(emo_serve_expert_cache_hits_total{tier="device"}[1m])) / '
@@ -28,12 +27,7 @@ HIT_RATE = (
 
 
 def prometheus_binary() -> str:
-    binary = shutil.which("prometheus")
-    if binary is None:
-        if os.environ.get("CI"):
-            pytest.fail("the prometheus binary is required in CI (apt-get install -y prometheus)")
-        pytest.skip("prometheus is not installed (apt-get install -y prometheus)")
-    return binary
+    return require_binary("prometheus", "apt-get install -y prometheus")
 
 
 @pytest.fixture

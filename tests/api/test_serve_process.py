@@ -21,14 +21,26 @@ from tests.api.live_server import LOOPBACK, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPT = sample_prompt("code", 8, random.Random(3))
+LONG_TOKENS = 500
 
 
-def start(checkpoint: Path, port: int, *flags: str, **env: str) -> subprocess.Popen[str]:
+def start(checkpoint: Path, port: int, *flags: str, step_delay_s: float | None = None,
+          **env: str) -> subprocess.Popen[str]:
+    """`python -m server serve`; with ``step_delay_s`` every decode step first sleeps that long."""
     environ = {**os.environ, "EMO_SERVE_MODEL": str(checkpoint), "EMO_SERVE_PORT": str(port),
                "EMO_SERVE_DEVICE": "cpu", "PYTHONPATH": str(ROOT), **env}
-    return subprocess.Popen([sys.executable, "-m", "server", "serve", "--host", LOOPBACK, *flags],
+    module = ["server"] if step_delay_s is None else ["tests.api.slow_steps", str(step_delay_s)]
+    return subprocess.Popen([sys.executable, "-m", *module, "serve", "--host", LOOPBACK, *flags],
                             cwd=ROOT, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
+
+
+def output(proc: subprocess.Popen[str]) -> str:
+    """Everything the finished process printed; closes the pipe."""
+    if proc.stdout is None:
+        return ""
+    with proc.stdout:
+        return proc.stdout.read()
 
 
 def wait_ready(url: str, proc: subprocess.Popen[str], timeout: float = 120) -> None:
@@ -57,15 +69,16 @@ def read_stream(url: str, body: dict[str, object], events: list[dict[str, object
 def test_sigterm_drains_then_exits_0(checkpoint: Path) -> None:
     port = free_port()
     url = f"http://{LOOPBACK}:{port}"
-    proc = start(checkpoint, port, "--served-model-name", "demo", EMO_SERVE_DRAIN_TIMEOUT="3",
-                 EMO_SERVE_MAX_MODEL_LEN="2048")
+    # 20 ms per decode step: the long stream needs >= 10 s, far past the 3 s grace, on any machine
+    proc = start(checkpoint, port, "--served-model-name", "demo", step_delay_s=0.02,
+                 EMO_SERVE_DRAIN_TIMEOUT="3")
     try:
         wait_ready(url, proc)
         assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == "demo"
         short: list[dict[str, object]] = []
         long: list[dict[str, object]] = []
         threads = []
-        for events, tokens in ((short, 12), (long, 1800)):
+        for events, tokens in ((short, 12), (long, LONG_TOKENS)):
             started = threading.Event()
             body = {"prompt": PROMPT, "max_tokens": tokens, "ignore_eos": True, "temperature": 0}
             thread = threading.Thread(target=read_stream, args=(url, body, events, started))
@@ -79,20 +92,20 @@ def test_sigterm_drains_then_exits_0(checkpoint: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
-    log = proc.stdout.read() if proc.stdout else ""
+    log = output(proc)
     assert "device memory plan" in log and "KV cache" in log and "draining" in log
     assert short[-1] == {"done": True}
     assert short[-2]["choices"][0]["finish_reason"] == "length"  # type: ignore[index]
     assert long[-1] == {"done": True}
     assert long[-2]["error"]["code"] == "server_shutting_down"  # type: ignore[index]
     generated = "".join(e["choices"][0]["text"] for e in long[:-2] if e.get("choices"))  # type: ignore[index]
-    assert 0 < len(generated.split()) < 1800  # cut at the grace, after producing text
+    assert 0 < len(generated.split()) < LONG_TOKENS  # cut at the grace, after producing text
 
 
 def test_a_plan_that_cannot_fit_is_refused_with_numbers(checkpoint: Path) -> None:
     proc = start(checkpoint, free_port(), "--expert-cache", "100TiB")
     assert proc.wait(timeout=120) == 1
-    log = proc.stdout.read() if proc.stdout else ""
+    log = output(proc)
     assert "refusing to start" in log
     for row in ("trunk", "expert slots", "100.00 TiB", "KV cache", "workspace", "free on the device"):
         assert row in log, log

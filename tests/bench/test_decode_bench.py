@@ -5,6 +5,7 @@ report promises is there, finite where it must be, and consistent with the scena
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,8 @@ def test_json_has_every_scenario_with_its_numbers(bench_run: tuple[Path, str]) -
         assert r["skipped"] is None, name
         assert r["decode_tps_b1"] > 0 and r["decode_tps_concurrent"] > 0, name
         assert r["ttft_warm_s"] > 0 and 0.0 <= r["hit_rate"] <= 1.0, name
-        assert 0 < r["peak_device_bytes"] <= r["budget_bytes"], name
+        # on CPU nothing measures a device peak: reported as unknown, never as the budget itself
+        assert r["peak_device_bytes"] is None and r["budget_bytes"] > 0, name
         if name.endswith("@resident"):
             assert r["device_slots"] == 4 * 31 and r["bytes_paged"] == 0 and r["hit_rate"] == 1.0
             assert r["ttft_cold_s"] is None and r["vs_resident"]["decode_tps_b1"] == 1.0
@@ -51,18 +53,26 @@ def test_json_has_every_scenario_with_its_numbers(bench_run: tuple[Path, str]) -
     assert report["header"]["pools"] == [8, 4] and report["header"]["concurrency"] == 4
     parity = report["parity"]
     assert parity["prompt_tokens"] == 12 and parity["pool"] == 8
-    assert 0.0 <= parity["greedy_agreement"] <= 1.0 and 0.0 <= parity["max_abs_diff"] < parity["logit_scale"]
+    assert parity["greedy_agreement"] >= 0.9, parity  # bf16 rounding may flip a near-tie, not more
+    assert parity["max_abs_diff"] < 0.05 * parity["logit_scale"], parity
     assert any("Hugging Face reference skipped" in n for n in report["notes"])
+    step = report["decode_step"]
+    assert step["device"] == "cpu" and step["fullgraph"] is True and step["host_syncs_per_token"] is None
+    assert 0 < step["ops_per_layer"] <= 40 and "pool 8" in step["counted_on"]
 
 
 def test_markdown_table_is_well_formed(bench_run: tuple[Path, str]) -> None:
     _, text = bench_run
-    table = [line for line in text.splitlines() if line.startswith("|")]
+    tables = [block.splitlines() for block in text.split("\n\n") if block.startswith("|")]
+    table, step = tables  # the scenarios, then the decode step
     header, rule, rows = table[0], table[1], table[2:]
     columns = header.count("|")
     assert "b1 tok/s" in header and "x4 tok/s" in header and "TTFT cold s" in header
     assert rule.count("|") == columns and len(rows) == 6
     assert all(row.count("|") == columns for row in rows)
+    assert all(re.search(r"\| - / \d+\.\d MB \|$", row) for row in rows), rows  # CPU: no measured peak
+    assert step[0].startswith("| decode step on | fullgraph | ops / layer / token | host syncs / token |")
+    assert len(step) == 3 and step[2].startswith("| cpu | yes (aot_eager) |")
     assert "bf16 vs fp32 on cpu" in text
 
 

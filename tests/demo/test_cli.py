@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,6 +44,26 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for split in ("train", "heldout"):
         (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
     return out
+
+
+def assert_rederivable(numbers: dict[str, Any], documents_tsv: str, corpus: Path) -> None:
+    """Every loss of evaluation.json from the per-document rows: a domain's summed NLL over its
+    scored tokens, the mean the unweighted mean of the domains; the ids are held-out documents."""
+    rows = list(csv.DictReader(io.StringIO(documents_tsv), delimiter="\t"))
+    heldout = {json.loads(line)["id"] for line in (corpus / "heldout.jsonl").read_text().splitlines()}
+    assert rows and {r["id"] for r in rows} <= heldout
+    assert {d: sum(r["domain"] == d for r in rows) for d in numbers["documents"]} == numbers["documents"]
+    for r in rows:
+        assert int(r["scored"]) == int(r["tokens"]) - 64  # the default prefix
+    for column, losses in numbers["losses"].items():
+        per_domain = {}
+        for domain in numbers["documents"]:
+            mine = [r for r in rows if r["domain"] == domain]
+            if mine:
+                nll = sum(float(r[f"nll {column}"]) for r in mine)
+                per_domain[domain] = nll / sum(int(r["scored"]) for r in mine)
+                assert losses[domain] == pytest.approx(per_domain[domain], rel=1e-6), (column, domain)
+        assert losses["mean"] == pytest.approx(sum(per_domain.values()) / len(per_domain), rel=1e-6)
 
 
 def test_demo_pipeline(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -97,6 +120,7 @@ def test_demo_pipeline(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
     numbers = json.loads((tmp_path / "eval/evaluation.json").read_text())
     assert set(numbers["losses"]) == {"emo/full", "emo/pool", "emo/random", "baseline/pool", "baseline/full"}
+    assert_rederivable(numbers, (tmp_path / "eval/evaluation_documents.tsv").read_text(), corpus)
     assert (
         main(
             [

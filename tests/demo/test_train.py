@@ -128,6 +128,8 @@ def test_evaluation_modes_score_the_same_targets(tokenizer_dir: Path) -> None:
         m: evaluate_mode(model.eval(), docs, cfg, m, special_id(tok, PAD)) for m in ("full", "pool", "random")
     }
     assert all(results[m].tokens == results["full"].tokens for m in results)
+    # every document's tokens after the prompt are scored, none before
+    assert sum(results["full"].tokens.values()) == sum(len(d.ids) - cfg.prefix for d in docs)
     assert sum(results["full"].tokens.values()) > 0 and set(results["full"].tokens) == set(DOMAINS)
     pools = results["pool"].pools
     assert pools is not None and pools.shape == (
@@ -136,3 +138,55 @@ def test_evaluation_modes_score_the_same_targets(tokenizer_dir: Path) -> None:
         model.config.routable_experts,
     )
     assert (pools.sum(dim=-1) == cfg.pool_size(8, 2)).all()
+
+
+@pytest.fixture(scope="module")
+def exported(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[EmoForTraining, Path]:
+    """A smoke model trained until its experts differ (30 steps), and the same weights exported
+    as a serving checkpoint."""
+    model, cfg, chunks = smoke_setup(tokenizer_dir, True)
+    train(model, cfg, batches(chunks, cfg.batch_size, cfg.seq_len, 1, 0))
+    out = tmp_path_factory.mktemp("exported")
+    save_checkpoint(model, out, tokenizer_dir, {"test": True}, dtype=torch.float32)
+    return model.eval(), out
+
+
+def serving_nll(directory: Path, ids: list[int], prefix: int, pool: int | None) -> float:
+    """Summed NLL of ids[prefix:] the way a server sees the document: prefill the first `prefix`
+    tokens (the pool is chosen there), then decode the rest one token at a time in that pool."""
+    from server.model.kv_cache import KVCache
+    from server.model.loader import load_model
+
+    loaded = load_model(directory, device="cpu", dtype=torch.float32)
+    model = loaded.model
+    kv = KVCache(loaded.config, 1, len(ids), "cpu", torch.float32)
+    with torch.no_grad():
+        out = model.prefill(torch.tensor(ids[:prefix]), kv, 0, pool_size=pool)
+        mask = None if pool is None else model.pool_mask_row(out.pools)[None]  # [1, L, E]
+        logits = [out.logits[-1]]  # predicts ids[prefix]
+        for pos in range(prefix, len(ids) - 1):
+            step = model.decode(torch.tensor([ids[pos]]), torch.tensor([pos]), kv, torch.tensor([0]), mask)
+            logits.append(step[0])
+    targets = torch.tensor(ids[prefix:])
+    return float(torch.nn.functional.cross_entropy(torch.stack(logits), targets, reduction="sum"))
+
+
+@pytest.mark.parametrize("mode", ["pool", "full"])
+def test_evaluation_scores_what_the_serving_path_scores(
+    tokenizer_dir: Path, exported: tuple[EmoForTraining, Path], mode: str
+) -> None:
+    """The pool comes from the first `prefix` tokens only and only the tokens after them are
+    scored: the evaluation's losses equal a server's prefill-then-decode losses."""
+    from tokenizers import Tokenizer
+
+    model, directory = exported
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    cfg = EvalConfig(prefix=64, max_len=96, min_scored=8, batch_size=3)
+    docs = [d for d in prepare(documents(), tok, cfg) if d.name.endswith("-0")]  # "-1" is a copy
+    assert {d.domain for d in docs} == set(TEXTS)
+    result = evaluate_mode(model, docs, cfg, mode, special_id(tok, PAD))
+    pool = cfg.pool_size(model.config.routable_experts, model.config.num_routed) if mode == "pool" else None
+    for doc in docs:
+        assert result.tokens[doc.domain] == len(doc.ids) - cfg.prefix  # one document per domain
+        want = serving_nll(directory, doc.ids, cfg.prefix, pool)
+        assert result.nll[doc.domain] == pytest.approx(want, rel=1e-4), doc.domain

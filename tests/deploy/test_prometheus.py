@@ -3,16 +3,13 @@ written for (tests/deploy/alerts_test.yml), and every metric they read is one th
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.deploy.conftest import DEPLOY, LiveServer, load_yaml_docs
 from tests.deploy.promql import metric_names, problems
+from tests.optional import require_binary
 
 PROMETHEUS = DEPLOY / "prometheus"
 RULE_FILES = sorted((PROMETHEUS / "rules").glob("*.yml"))
@@ -20,11 +17,7 @@ ALERT_TESTS = Path(__file__).parent / "alerts_test.yml"
 
 
 def promtool(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    exe = shutil.which("promtool")
-    if exe is None:
-        if os.environ.get("CI"):
-            pytest.fail("promtool is not installed (Debian package 'prometheus'); CI must have it")
-        pytest.skip("promtool is not installed (Debian package 'prometheus')")
+    exe = require_binary("promtool", "Debian package 'prometheus'")
     return subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
 
 

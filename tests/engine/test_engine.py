@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import torch
 from prometheus_client import CollectorRegistry
 
 from expert_cache import TieredExpertCache
+from expert_cache.base import ExpertCatalog, ExpertStore
+from server.engine.engine import Engine
 from server.engine.request import GenerationRequest, SamplingParams, TokenLogprob
 from server.model.loader import LoadedModel, load_model
-from tests.engine.conftest import EngineFactory, greedy, prompt_ids, run_all
+from server.model.synth import planted_experts
+from tests.engine.conftest import Collector, EngineFactory, greedy, prompt_ids, run_all
 
 POOLS: list[int | str | None] = [3, 8, "full", 16, None, 31]
 MAX_TOKENS = [5, 14, 20, 9, 17, 11]
@@ -165,3 +169,55 @@ def test_request_metrics(loaded: LoadedModel, make_engine: EngineFactory) -> Non
     assert value("emo_serve_request_queue_time_seconds_count") == 3
     assert value("emo_serve_num_requests_running") == 0 and value("emo_serve_kv_cache_usage_perc") == 0
     assert value("emo_serve_device_memory_allocated_bytes") > 0  # CPU: the process RSS
+
+
+def test_cache_usage_belongs_to_the_request_that_missed(tiny_emo_checkpoint: Path, loaded: LoadedModel,
+                                                        make_engine: EngineFactory) -> None:
+    """Two pool requests with disjoint pools (the planted experts of domains 0 and 1) and a
+    full-routing request that keeps paging: each pool request's misses are its pool's cold
+    misses, exactly what it has alone on a cold cache; the full-routing request's decode misses
+    are its own, not split over the batch."""
+    pools = [planted_experts(tiny_emo_checkpoint, d) for d in (0, 1)]
+    assert not set(pools[0]) & set(pools[1])
+    stores: list[TieredExpertCache] = []
+
+    def cold_engine() -> Engine:
+        def factory(catalog: ExpertCatalog) -> ExpertStore:
+            # both pools pinned (2 x 7 x 4 layers) leave 6 slots: full routing misses every step;
+            # prefetch in the calling thread, so that what it loads is the same on every run
+            budget = 62 * catalog.expert_bytes(0)
+            stores.append(TieredExpertCache(catalog, device="cpu", device_budget_bytes=budget,
+                                            host_budget_bytes=0, background_prefetch=False))
+            return stores[-1]
+
+        return make_engine(model=load_model(tiny_emo_checkpoint, device="cpu", dtype="fp32",
+                                            expert_store_factory=factory), max_num_seqs=3)
+
+    def pool_request(domain: int) -> GenerationRequest:
+        ids = prompt_ids(loaded, domain, 12, seed=20 + domain)
+        return GenerationRequest(f"pool{domain}", ids, greedy(24), expert_pool=len(pools[domain]),
+                                 return_expert_pool=True)
+
+    try:
+        alone = [run_all(cold_engine(), [pool_request(d)]).last(f"pool{d}") for d in (0, 1)]
+        engine, c = cold_engine(), Collector()
+        for d in (0, 1):
+            engine.submit(pool_request(d), c)
+        # both prefilled before the full-routing request arrives: it then decodes alongside them
+        assert c.events["pool0"].wait(60) and c.events["pool1"].wait(60)
+        full = GenerationRequest("full", prompt_ids(loaded, 2, 12, seed=22), greedy(16), expert_pool="full")
+        engine.submit(full, c)
+        c.wait(["pool0", "pool1", "full"])
+        totals = stores[-1].stats().device
+        for d in (0, 1):
+            got, ref = c.last(f"pool{d}"), alone[d]
+            assert got.expert_pool is not None and ref.expert_pool is not None and ref.usage and got.usage
+            assert got.expert_pool["experts"] == [pools[d]] * 4
+            assert got.usage.expert_misses == ref.usage.expert_misses > 0, d
+            assert got.usage.expert_bytes_loaded == ref.usage.expert_bytes_loaded, d
+        usage = [c.last(r).usage for r in ("pool0", "pool1", "full")]
+        assert sum(u.expert_misses for u in usage if u) == totals.misses
+        assert sum(u.expert_hits for u in usage if u) == totals.hits
+    finally:
+        for store in stores:
+            store.close()

@@ -175,18 +175,19 @@ def test_slots_exhausted_backs_off_without_losing_anything(loaded: LoadedModel, 
         return real_prefill(input_ids, kv, slot, **kw)  # type: ignore[arg-type]
 
     def decode(ids: torch.Tensor, pos: torch.Tensor, kv: object, slots: torch.Tensor,
-               mask: torch.Tensor | None) -> torch.Tensor:
+               mask: torch.Tensor | None, slot_tables: torch.Tensor | None = None) -> torch.Tensor:
         full_rows = mask is None or bool(mask.all(dim=(1, 2)).any())
         if full_rows and ids.shape[0] > 1 and fired["decode"] < 3:
             fired["decode"] += 1
             raise SlotsExhausted(1, 3, 0, 124)
-        return real_decode(ids, pos, kv, slots, mask)  # type: ignore[arg-type]
+        return real_decode(ids, pos, kv, slots, mask, slot_tables)  # type: ignore[arg-type]
 
     reqs = [GenerationRequest(f"x{i}", prompt_ids(loaded, i, 6, seed=i), greedy(12), expert_pool=pool)
             for i, pool in enumerate([8, "full", 4])]
     ref = run_all(make_engine(max_num_seqs=1), reqs)
     monkeypatch.setattr(model, "prefill_start", prefill)
     monkeypatch.setattr(model, "decode", decode)
+    monkeypatch.setattr(model, "fast_decode", False)  # full rows page (and can run out) on this path
     engine = make_engine(max_num_seqs=4)
     out = run_all(engine, reqs)
     assert fired == {"prefill": 2, "decode": 3}

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from expert_cache import TieredExpertCache, format_bytes, parse_bytes
+from expert_cache import TieredExpertCache, format_bytes, memory, parse_bytes
 from expert_cache.base import ExpertCatalog
 from expert_cache.host_tier import plan_arenas
 from expert_cache.layout import slab_groups, split_slots
@@ -39,12 +39,33 @@ def test_parse_bytes(text: str | int, n: int | None) -> None:
         assert parse_bytes(text) == n
 
 
-def test_format_and_default_host_budget() -> None:
+def test_format_bytes() -> None:
     assert format_bytes(1536 * 1024**2) == "1.50 GiB" and format_bytes(10) == "10 B"
-    budget = default_host_budget_bytes()
-    assert budget >= 0
-    available = int(Path("/proc/meminfo").read_text().split("MemAvailable:")[1].split()[0]) * 1024
-    assert budget <= available - 2 * 1024**3 or budget == 0
+
+
+@pytest.mark.parametrize(
+    ("available_gib", "total_gib", "cgroup_gib", "budget_gib"),
+    [
+        (40, 64, None, 40 - 6.4),  # margin: 10% of total RAM
+        (10, 16, None, 8),  # margin: at least 2 GiB
+        (40, 64, 12, 12 - 6.4),  # a container's cgroup headroom is the tighter bound
+        (1, 16, None, 0),  # less than the margin: nothing
+    ],
+)
+def test_default_host_budget(
+    monkeypatch: pytest.MonkeyPatch,
+    available_gib: float,
+    total_gib: float,
+    cgroup_gib: float | None,
+    budget_gib: float,
+) -> None:
+    """The machine's /proc/meminfo is given, not read: a second read could see other numbers."""
+    gib = 1024**3
+    meminfo = {"MemAvailable": int(available_gib * gib), "MemTotal": int(total_gib * gib)}
+    monkeypatch.setattr(memory, "_meminfo", lambda: meminfo)
+    headroom = None if cgroup_gib is None else int(cgroup_gib * gib)
+    monkeypatch.setattr(memory, "_cgroup_headroom", lambda: headroom)
+    assert default_host_budget_bytes() == pytest.approx(budget_gib * gib, abs=1)
 
 
 def test_pinned_arenas_stay_within_budget() -> None:

@@ -96,6 +96,10 @@ def test_concurrent_engine_stats_and_prefetch(tmp_path: Path) -> None:
 
     errors = _run_threads([acquirer("engine", 1, 300, 4), acquirer("second", 2, 300, 3), reader, prefetcher])
     assert not errors, errors
+    # SlotsExhausted is a legal answer under contention, not a way through: both threads got
+    # most of their acquires (6 slots, at most 4 + 3 distinct keys pinned at once)
+    assert acquired["engine"] > 0 and acquired["second"] > 0
+    assert exhausted[0] < 300, f"{exhausted[0]} of 600 acquires raised SlotsExhausted"
     assert cache.wait_for_prefetch(timeout=30)
     s = cache.stats()
     assert s.pinned_slots == 0 and cache.free_slots(0) == cache.capacity(0) == 6

@@ -44,7 +44,8 @@ class EmoReference:
 
     def attention(self, xs: list[torch.Tensor], layer: int) -> list[torch.Tensor]:
         c, p = self.c, f"model.layers.{layer}.self_attn."
-        H, KV, D = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
+        H, KV = c["num_attention_heads"], c["num_key_value_heads"]
+        D = c.get("head_dim") or c["hidden_size"] // H
 
         def proj(name: str, x: torch.Tensor) -> torch.Tensor:
             y = self.w[p + name + ".weight"] @ x
@@ -100,31 +101,64 @@ class EmoReference:
                 score[e] += float(p[i])
         return sorted(sorted(R, key=lambda e: (-score[e], e))[:size])
 
-    def forward(self, ids: list[int], pool_size: int | None = None, prompt_len: int | None = None
-                ) -> tuple[torch.Tensor, list[list[int] | None]]:
+    def forward(self, ids: list[int], pool_size: int | None = None, prompt_len: int | None = None,
+                given: list[list[int] | None] | None = None) -> tuple[torch.Tensor, list[list[int] | None]]:
         """Logits [T, V] for ids; pools chosen layer by layer from the first prompt_len tokens
-        and then applied to every token."""
+        (or ``given`` per layer) and then applied to every token."""
         prompt_len = prompt_len or len(ids)
         xs = [self.w["model.embed_tokens.weight"][i] for i in ids]
         pools: list[list[int] | None] = []
         for layer in range(self.c["num_hidden_layers"]):
-            p = f"model.layers.{layer}."
-            attn = self.attention([self.norm(x, p + "pre_attention_layernorm.weight") for x in xs], layer)
-            hs = [x + a for x, a in zip(xs, attn, strict=True)]
-            ns = [self.norm(h, p + "pre_feedforward_layernorm.weight") for h in hs]
-            if self.E[layer] == 0:
-                xs = [h + self.expert(n, p + "mlp.", bias=bool(self.c.get("dense_mlp_bias")))
-                      for h, n in zip(hs, ns, strict=True)]
+            hs, ns, logits = self._attend(xs, layer)
+            if logits is None:
+                xs = self._dense(hs, ns, layer)
                 pools.append(None)
                 continue
-            logits = [self.w[p + "mlp.gate.weight"] @ n for n in ns]
             pool = None if pool_size is None else self.select_pool(logits[:prompt_len], layer, pool_size)
+            if given is not None:
+                pool = given[layer]
             pools.append(pool)
-            xs = []
-            for h, n, lg in zip(hs, ns, logits, strict=True):
-                out = torch.zeros_like(h)
-                for e, weight in self.route(lg, layer, pool):
-                    out += weight * self.expert(n, f"{p}mlp.experts.{e}.")
-                xs.append(h + out)
+            xs = self._moe(hs, ns, logits, layer, pool)
         final = torch.stack([self.norm(x, "model.norm.weight") for x in xs])
         return final @ self.w["lm_head.weight"].T, pools
+
+    def pools_from_examples(self, examples: list[list[int]], pool_size: int) -> list[list[int] | None]:
+        """One pool per layer from the router probabilities of every token of every example,
+        each example running the layer restricted to that pool before the next layer."""
+        states = [[self.w["model.embed_tokens.weight"][i] for i in ids] for ids in examples]
+        pools: list[list[int] | None] = []
+        for layer in range(self.c["num_hidden_layers"]):
+            steps = [self._attend(xs, layer) for xs in states]
+            if steps[0][2] is None:
+                states = [self._dense(hs, ns, layer) for hs, ns, _ in steps]
+                pools.append(None)
+                continue
+            every_token = [lg for _, _, logits in steps for lg in logits or []]
+            pool = self.select_pool(every_token, layer, pool_size)
+            pools.append(pool)
+            states = [self._moe(hs, ns, logits or [], layer, pool) for hs, ns, logits in steps]
+        return pools
+
+    def _attend(self, xs: list[torch.Tensor], layer: int
+                ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor] | None]:
+        p = f"model.layers.{layer}."
+        attn = self.attention([self.norm(x, p + "pre_attention_layernorm.weight") for x in xs], layer)
+        hs = [x + a for x, a in zip(xs, attn, strict=True)]
+        ns = [self.norm(h, p + "pre_feedforward_layernorm.weight") for h in hs]
+        logits = None if self.E[layer] == 0 else [self.w[p + "mlp.gate.weight"] @ n for n in ns]
+        return hs, ns, logits
+
+    def _dense(self, hs: list[torch.Tensor], ns: list[torch.Tensor], layer: int) -> list[torch.Tensor]:
+        p = f"model.layers.{layer}."
+        return [h + self.expert(n, p + "mlp.", bias=bool(self.c.get("dense_mlp_bias")))
+                for h, n in zip(hs, ns, strict=True)]
+
+    def _moe(self, hs: list[torch.Tensor], ns: list[torch.Tensor], logits: list[torch.Tensor], layer: int,
+             pool: list[int] | None) -> list[torch.Tensor]:
+        xs = []
+        for h, n, lg in zip(hs, ns, logits, strict=True):
+            out = torch.zeros_like(h)
+            for e, weight in self.route(lg, layer, pool):
+                out += weight * self.expert(n, f"model.layers.{layer}.mlp.experts.{e}.")
+            xs.append(h + out)
+        return xs

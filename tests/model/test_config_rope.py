@@ -13,9 +13,7 @@ from server.model.families import FAMILIES
 from server.model.families._common import parse_rope
 from server.model.rope import RotaryEmbedding
 from tests.model.checkpoints import EMO_BASE
-
-transformers = pytest.importorskip("transformers")
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding  # noqa: E402
+from tests.optional import require_module
 
 MAX_POS = 64
 ROPES: dict[str, dict[str, Any]] = {
@@ -31,13 +29,19 @@ ROPES: dict[str, dict[str, Any]] = {
 }
 
 
+@pytest.fixture(scope="module")
+def llama() -> Any:
+    """transformers' Llama modelling module: only the comparisons need transformers."""
+    return require_module("transformers.models.llama.modeling_llama", "pip install 'emo-serve[test]'")
+
+
 @pytest.mark.parametrize("name", list(ROPES))
-def test_rope_matches_transformers(name: str) -> None:
-    hf_config = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4,
+def test_rope_matches_transformers(llama: Any, name: str) -> None:
+    hf_config = llama.LlamaConfig(hidden_size=64, num_attention_heads=4,
                                          max_position_embeddings=MAX_POS, rope_parameters=dict(ROPES[name]))
     raw = hf_config.to_dict()
     ours = RotaryEmbedding(parse_rope(raw, MAX_POS), head_dim=16, max_position_embeddings=MAX_POS)
-    theirs = LlamaRotaryEmbedding(hf_config)
+    theirs = llama.LlamaRotaryEmbedding(hf_config)
     for length in (10, 100):  # 100 > max_position_embeddings: dynamic scaling kicks in
         positions = torch.arange(length)
         cos, sin = theirs(torch.zeros(1, dtype=torch.float32), positions[None])

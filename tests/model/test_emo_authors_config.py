@@ -19,6 +19,7 @@ from server.model.families import FAMILIES
 from server.model.kv_cache import KVCache
 from server.model.loader import load_model
 from tests.model.checkpoints import EMO_BASE, write_tokenizer
+from tests.optional import require_module
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "emo_reference"
 RELEASE_CONFIGS = sorted(FIXTURES.glob("emo_1b14b_1t.transformers-*.config.json"))
@@ -119,7 +120,7 @@ def saved_config(family: str) -> dict[str, Any]:
     """config.json as written by the family's own writer (the authors' EmoConfig for EMO)."""
     if family == "emo":
         return json.loads((FIXTURES / "small_mixed" / "config.json").read_text())
-    transformers = pytest.importorskip("transformers")
+    transformers = require_module("transformers", "pip install 'emo-serve[test]'")
     name, extra = FAMILY_CONFIGS[family]
     return dict(getattr(transformers, name)(**SMALL_SHAPE, **extra).to_dict())
 

@@ -13,8 +13,9 @@ import torch
 from server.model.kv_cache import KVCache
 from server.model.loader import load_model
 from tests.model.checkpoints import write_tokenizer
+from tests.optional import require_module
 
-transformers = pytest.importorskip("transformers")
+transformers = require_module("transformers", "pip install 'emo-serve[test]'")
 
 COMMON: dict[str, Any] = dict(vocab_size=64, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
                               intermediate_size=24, max_position_embeddings=128, rms_norm_eps=1e-6,

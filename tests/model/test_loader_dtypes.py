@@ -12,12 +12,13 @@ from server.model.loader import load_model
 from tests.model.checkpoints import write_emo
 
 PROMPT = torch.tensor([1, 7, 23, 40, 9, 81])
+NAMED = {"bf16": torch.bfloat16, "float16": torch.float16, "fp32": torch.float32}  # what --dtype says
 
 
 def logits(directory: Path, dtype: torch.dtype | str) -> torch.Tensor:
     loaded = load_model(directory, device="cpu", dtype=dtype)
     model = loaded.model
-    assert model.dtype == (dtype if isinstance(dtype, torch.dtype) else model.dtype)
+    assert model.dtype == (dtype if isinstance(dtype, torch.dtype) else NAMED[dtype])
     assert loaded.catalog.dtype == model.dtype
     assert all(t.dtype == model.dtype for s in [model.expert_store.slab(0)] for t in s.values())
     kv = KVCache(loaded.config, 1, 16, "cpu", model.dtype)
@@ -26,8 +27,8 @@ def logits(directory: Path, dtype: torch.dtype | str) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_close_to_fp32(tmp_path: Path, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, "bf16", "float16"])
+def test_half_precision_close_to_fp32(tmp_path: Path, dtype: torch.dtype | str) -> None:
     write_emo(tmp_path, seed=1)
     reference = logits(tmp_path, torch.float32)
     half = logits(tmp_path, dtype)

@@ -75,8 +75,10 @@ def test_full_routing_with_two_slots_equals_resident(tmp_path: Path) -> None:
 
 
 def test_only_selected_experts_are_acquired(tmp_path: Path) -> None:
+    """The eager paging path (full routing on a partial tier) pins only the experts chosen."""
     loaded, store = load(tmp_path, limit=64)
     model, kv = loaded.model, kv_for(loaded)
+    model.fast_decode = False
     out = model.prefill(torch.tensor(PROMPT), kv, 0, pool_size=4)
     assert out.pools is not None
     store.acquired.clear()
@@ -131,3 +133,30 @@ def test_pinned_pool_fills_every_slot_and_still_runs(tmp_path: Path) -> None:
                  model.pool_mask_row(out.pools)[None])
     assert store.stats().pinned_slots == len(out.pinned) == 12
     store.release(out.pinned)
+
+
+def test_pool_row_decode_reads_slot_table_without_store_calls(tmp_path: Path) -> None:
+    """A pinned pool's slots (from prefill) fill the row's slot table; decoding through it never
+    calls the store and gives the eager path's logits."""
+    loaded, store = load(tmp_path, limit=64)
+    model = loaded.model
+    logits = []
+    for fast in (False, True):
+        model.fast_decode = fast
+        kv = kv_for(loaded)
+        out = model.prefill(torch.tensor(PROMPT), kv, 0, pool_size=4, pin_pool=True)
+        assert out.pools is not None and len(out.pinned_slots) == len(out.pinned)
+        table = model.slot_table_row(out.pools, dict(zip(out.pinned, out.pinned_slots, strict=True)))
+        for layer, pool in enumerate(out.pools):
+            allowed = set(pool.tolist())
+            for e in loaded.config.routable_experts(layer):
+                expected = store.slots_of([(layer, e)])[0] if e in allowed else -1
+                assert int(table[layer, e]) == expected
+        store.events.clear()
+        logits.append(model.decode(torch.tensor([9]), torch.tensor([len(PROMPT)]), kv, torch.tensor([0]),
+                                   model.pool_mask_row(out.pools)[None], table[None] if fast else None))
+        if fast:
+            assert store.events == []  # no acquire, no release inside the step
+        store.release(out.pinned)
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=0)
+    assert logits[1].argmax() == logits[0].argmax()

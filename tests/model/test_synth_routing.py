@@ -10,11 +10,9 @@ import jinja2
 import pytest
 import torch
 
+from server.model import kv_cache, loader
 from server.model.synth import planted_experts, sample_prompt, write_checkpoint
 from server.model.synth.words import DOMAIN_WORDS
-
-loader = pytest.importorskip("server.model.loader")
-kv_cache = pytest.importorskip("server.model.kv_cache")
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from server.cache_dir import cache_root
 from server.model.families.emo import as_written_by_authors
 from server.model.synth.spec import DTYPES, SYNTH_KEY, SynthSpec, make_spec
 from server.model.synth.stream import INDEX_FILE, plan_shards, write_index, write_shards
@@ -130,7 +131,7 @@ def demo_checkpoint_dir() -> Path:
 
     Written into a temporary sibling directory and renamed into place, so a reader never sees
     a half-written demo; concurrent first calls both succeed (the loser discards its copy)."""
-    root = Path(os.environ.get("EMO_SERVE_CACHE") or Path.home() / ".cache" / "emo-serve")
+    root = cache_root()
     final = root / DEMO_NAME
     if (final / "config.json").exists():
         return final
