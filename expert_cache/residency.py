@@ -21,7 +21,7 @@ from expert_cache.base import ExpertKey, ExpertLoadTimeout, SlotsExhausted, Tier
 from expert_cache.device_tier import DeviceTier, SlotState
 from expert_cache.loading import ExpertLoader
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("emo_serve.expert_cache")
 
 
 class Residency:

@@ -31,7 +31,8 @@ CHECKPOINT = ROOT / "server/demo/checkpoint"
 
 def test_the_evaluation_table_is_the_shipped_evaluation() -> None:
     shipped = (CHECKPOINT / "evaluation.md").read_text().strip()
-    assert shipped in DEMO_REPORT, "docs/demo.md's evaluation table differs from server/demo/checkpoint/evaluation.md"
+    assert shipped in DEMO_REPORT, \
+        "docs/demo.md's evaluation table differs from server/demo/checkpoint/evaluation.md"
 
 
 def test_the_training_table_is_the_shipped_training_records() -> None:
