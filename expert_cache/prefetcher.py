@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from expert_cache.base import ExpertKey
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("emo_serve.expert_cache")
 MAX_QUEUED = 64
 
 

@@ -22,7 +22,7 @@ from expert_cache.device_tier import DeviceTier, SlotState
 from expert_cache.loading import ExpertLoader
 from expert_cache.tally import ThreadTally
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("emo_serve.expert_cache")
 
 
 class Residency:

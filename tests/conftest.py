@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis.configuration import set_hypothesis_home_dir
 
 # Tests are many small tensor ops; extra threads only contend on the 2-core CI machine.
 torch.set_num_threads(1)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Hypothesis' storage (example database, constants cache; ./.hypothesis by default, inside
+    the checkout) goes to a temporary directory. It is set before collection, which already
+    writes to it, so before any fixture could."""
+    storage = Path(tempfile.mkdtemp(prefix="emo-serve-hypothesis-"))
+    set_hypothesis_home_dir(storage)
+    config.add_cleanup(lambda: shutil.rmtree(storage, ignore_errors=True))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -29,7 +29,7 @@ from server.cache_dir import cache_root
 from server.engine.engine import Engine
 from server.model.fingerprint import checkpoint_fingerprint
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("emo_serve.api")
 
 
 def default_pools_dir(served_name: str) -> Path:

@@ -72,7 +72,7 @@ def _names(text: str) -> tuple[str, ...]:
 class ServeConfig:
     """Validated once at start; ``api_key`` is kept out of ``repr`` so it is never logged."""
 
-    model: Path | None = None  # None: serve the synthetic demo checkpoint
+    model: Path | None = None  # None: the built-in demo model (server.demo.default_model_dir)
     host: str = "127.0.0.1"
     port: int = 8000
     device: str = "auto"
@@ -147,7 +147,7 @@ class Option:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("model", Path, "DIR", "checkpoint directory (default: the synthetic demo checkpoint)"),
+    Option("model", Path, "DIR", "checkpoint directory (default: the built-in demo model, emo-demo)"),
     Option("host", str, "ADDR", "address to bind (default 127.0.0.1)"),
     Option("port", _int, "N", "port to bind (default 8000)"),
     Option("device", str, "auto|cpu|cuda:N", "device for trunk, expert slots and KV (default auto)"),

@@ -25,7 +25,7 @@ from server.engine.request import (
     RequestOutput,
 )
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("emo_serve.api")
 
 
 class RequestGroup:

@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("emo_serve.api")
 
 # OpenAI answers 401 and 404 with type invalid_request_error too; ``code`` tells them apart.
 _TYPES = {429: "rate_limit_error", 503: "service_unavailable"}

@@ -33,7 +33,7 @@ from server.engine.request import (
     Usage,
 )
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("emo_serve.api")
 _THREAD_ENCODE_CHARS = 16384  # longer texts are tokenized off the event loop
 
 

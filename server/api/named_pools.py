@@ -27,7 +27,7 @@ from server.api.config import POOL_NAME_PATTERN
 from server.engine.engine import Engine
 from server.engine.request import NamedPool, RequestError
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("emo_serve.api")
 
 POOL_NAME = re.compile(POOL_NAME_PATTERN)
 FILE_FORMAT = 1  # bump when the file layout changes

@@ -2,8 +2,9 @@
 
 A pure ASGI middleware (not Starlette's BaseHTTPMiddleware): it passes ``receive`` through
 untouched, so routes still see ``http.disconnect`` and can cancel engine work when a client
-goes away. The request id is put in a context variable that a logging filter copies onto every
-record, so log lines of one request can be found by the id the client sent or received.
+goes away. The request id is put in a context variable (server.logs.REQUEST_ID) that the log
+format of every command carries, so log lines of one request can be found by the id the client
+sent or received.
 """
 
 from __future__ import annotations
@@ -12,28 +13,19 @@ import logging
 import re
 import time
 import uuid
-from contextvars import ContextVar
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.errors import error_response
 from server.api.metrics import HTTPMetrics
+from server.logs import REQUEST_ID
 
-logger = logging.getLogger("server.api.access")
+logger = logging.getLogger("emo_serve.api.access")
 
-REQUEST_ID: ContextVar[str] = ContextVar("emo_serve_request_id", default="-")
 _VALID_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")  # anything else is replaced: no log injection
 # probes, scrapes and the playground's polling (4 a second while it generates): logged at DEBUG
 _QUIET = frozenset({"/health", "/ready", "/metrics", "/v1/expert_cache"})
 CLIENT_DISCONNECTED = 499  # status recorded when the client left before the response (nginx's)
-
-
-class RequestIdLogFilter(logging.Filter):
-    """Adds ``record.request_id`` (``-`` outside a request) for formats using %(request_id)s."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = REQUEST_ID.get()
-        return True
 
 
 def request_id_of(scope: Scope) -> str:

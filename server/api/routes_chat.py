@@ -47,7 +47,7 @@ from server.api.serving import ServingState, read_body, serving
 from server.api.streaming import SSEResponse, sse_event, sse_stream
 from server.engine.request import RequestOutput, TokenLogprob, Usage
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("emo_serve.api")
 router = APIRouter()
 
 

@@ -22,7 +22,7 @@ from server.api.serving import ServingState, read_body, serving
 from server.engine.named_pools import PoolNotResident
 from server.engine.request import EngineShutdown, RequestError
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("emo_serve.api")
 router = APIRouter()
 
 

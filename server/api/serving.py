@@ -25,7 +25,7 @@ from server.engine.engine import Engine
 from server.engine.request import NamedPool
 from server.model.tokenizer import TokenizerBundle
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("emo_serve.api")
 M = TypeVar("M", bound=RequestModel)
 
 

@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "as the reference (needs transformers)")
     parser.add_argument("--pinned-gbps", type=float, default=53.9,
                         help="pinned host->device GB/s the cold-TTFT target is judged by "
-                             "(default 53.9, the H100 figure of emo-model.md)")
+                             "(default 53.9, the H100 figure of docs/emo.md)")
     parser.add_argument("--no-parity", action="store_true", help="skip the bf16 vs fp32 logits check")
     parser.add_argument("--no-fullgraph", action="store_true",
                         help="skip compiling the decode step with fullgraph=True "

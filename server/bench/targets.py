@@ -1,4 +1,5 @@
-"""The issue's GPU targets, checked against one benchmark run (informative on CPU).
+"""The GPU targets of docs/gpu-performance.md, checked against one benchmark run (informative
+on CPU; they are set for an H100 serving Emo_1b14b_1T in bf16).
 
 For the default pool P (the first pool measured):
 - batch-1 decode with the pool resident >= 600 tokens/s (H100, EMO-1b14b);
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 from server.bench.scenario import ScenarioResult
 
-PINNED_GB_S = 53.9  # emo-model.md: pinned host->device, H100 PCIe Gen5 (override with --pinned-gbps)
+PINNED_GB_S = 53.9  # docs/emo.md: pinned host->device, H100 PCIe Gen5 (override with --pinned-gbps)
 WORKSPACE_MB = 1024.0  # the fixed workspace allowed above trunk + expert tier + KV slots
 
 

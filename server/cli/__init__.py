@@ -1,6 +1,7 @@
 """`emo-serve` command line: one module per subcommand, imported only when it runs.
 
-Each subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int``.
+Each subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int``. Logging is
+set up here, the same for every subcommand (server/logs.py).
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+
+from server.logs import configure as configure_logging
 
 SUBCOMMANDS: dict[str, str] = {
     "serve": "Serve a model over an OpenAI-compatible HTTP API",
@@ -40,6 +43,7 @@ def _version() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_logging()
     module = importlib.import_module(f"server.cli.{args.command}")
     return int(module.run(args) or 0)
 

@@ -28,7 +28,7 @@ def _pool_arg(value: str) -> int | str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="DIR", default=None,
-                        help="checkpoint directory (default: the synthetic tiny demo checkpoint)")
+                        help="checkpoint directory (default: the built-in demo model)")
     parser.add_argument("--prompt", required=True, help="prompt text")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (default 64)")
     parser.add_argument("--temperature", type=float, default=None,

@@ -29,23 +29,13 @@ from prometheus_client import CollectorRegistry
 from server.api.config import ConfigError, ServeConfig, load_config
 from server.api.config import add_arguments as add_config_arguments
 from server.api.memory_plan import PlanError, plan_memory
-from server.api.request_context import RequestIdLogFilter
+from server.logs import configure as configure_logging
 
-log = logging.getLogger("emo_serve.serve")
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+log = logging.getLogger("emo_serve.cli")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
-
-
-def setup_logging(level: str) -> None:
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    handler.addFilter(RequestIdLogFilter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
 
 
 def build_app(config: ServeConfig) -> FastAPI:
@@ -137,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"emo-serve serve: {exc}", file=sys.stderr)
         return 2
-    setup_logging(config.log_level)
+    configure_logging(config.log_level)
     log.info("settings: %r", config)  # api_key is not part of the repr
     try:
         app = build_app(config)

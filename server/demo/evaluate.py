@@ -2,7 +2,7 @@
 
 Every held-out document is cut to `max_len` tokens. Its first `prefix` tokens are the "prompt":
 with a pool, the pool of each layer is chosen from the prompt's router probabilities, layer by
-layer (emo-model.md's serving rule); every configuration is scored on the tokens after the
+layer (the serving rule, docs/emo.md); every configuration is scored on the tokens after the
 prompt, so the five numbers of a domain are over exactly the same targets.
 """
 

@@ -1,4 +1,4 @@
-"""Document-level expert pools (emo-model.md, "Routing with a per-request pool").
+"""Document-level expert pools (docs/emo.md, "Routing with a per-request pool").
 
 score(e) = sum over the prompt tokens of softmax(logits[R])[e]; the pool is the P routable
 experts with the largest score, ties broken towards the lower id.

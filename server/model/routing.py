@@ -1,4 +1,4 @@
-"""Per-token routing of one MoE layer (emo-model.md, "Routing of one token").
+"""Per-token routing of one MoE layer (docs/emo.md, "Routing of one token").
 
 Three modes, chosen by the config:
 - shared experts (S > 0, the last S ids): softmax over the first E-S logits, top K-S without

@@ -97,12 +97,12 @@ def test_playground_files_are_served_and_self_contained(live: LiveServer) -> Non
 
 def test_polling_stays_out_of_the_info_log(http: httpx.Client, caplog: pytest.LogCaptureFixture) -> None:
     """The playground polls the snapshot 4 times a second while it generates."""
-    with caplog.at_level(logging.DEBUG, logger="server.api.access"):
+    with caplog.at_level(logging.DEBUG, logger="emo_serve.api.access"):
         assert http.get("/v1/expert_cache").status_code == 200 and http.get("/v1/models").status_code == 200
 
         def levels() -> dict[str, int]:  # the access line is written once the response has gone
             return {r.getMessage().split()[1]: r.levelno for r in caplog.records
-                    if r.name == "server.api.access" and r.getMessage().startswith("GET ")}
+                    if r.name == "emo_serve.api.access" and r.getMessage().startswith("GET ")}
 
         wait_for(lambda: {"/v1/expert_cache", "/v1/models"} <= set(levels()), what="the access log lines")
     assert levels()["/v1/expert_cache"] == logging.DEBUG and levels()["/v1/models"] == logging.INFO

@@ -221,7 +221,7 @@ def test_pools_survive_a_restart_and_bad_files_are_skipped(
     }
     for name, text in broken.items():
         (tmp_path / name).write_text(text)
-    caplog.set_level(logging.WARNING, logger="server.api.named_pools")
+    caplog.set_level(logging.WARNING, logger="emo_serve.api")
     with live_server(config) as second:
         listed = httpx.get(second.url + "/v1/pools", timeout=10).json()["data"]
         assert {p["name"]: p["experts"] for p in listed} == {n: p["experts"] for n, p in made.items()}

@@ -47,10 +47,15 @@ def require_browser() -> None:
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
     require_browser()
+    # chromium keeps a crash-report database and dconf settings under $HOME even with a
+    # temporary profile: give it a home in tmp
+    home = tmp_path_factory.mktemp("chromium-home")
+    env = {**os.environ, "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"),
+           "XDG_CACHE_HOME": str(home / ".cache")}
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True)
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, env=env)
         yield browser
         browser.close()
 

@@ -25,10 +25,6 @@ DEPLOY = ROOT / "deploy"
 LOOPBACK = "127.0.0.1"
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slow: builds a fresh virtual environment (a minute or two)")
-
-
 def load_yaml_docs(path: Path) -> list[Any]:
     with path.open() as f:
         return [doc for doc in yaml.safe_load_all(f) if doc is not None]

@@ -43,7 +43,7 @@ def write_tokenizer(directory: Path, vocab_size: int, **tok_config: Any) -> None
 def emo_tensors(
     config: dict[str, Any], seed: int, dtype: torch.dtype = torch.float32
 ) -> dict[str, torch.Tensor]:
-    """Random EMO weights following emo-model.md's tensor names."""
+    """Random EMO weights under the tensor names of docs/emo.md."""
     g = torch.Generator().manual_seed(seed)
     H, V, D = config["hidden_size"], config["vocab_size"], config["head_dim"]
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]

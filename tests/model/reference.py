@@ -1,5 +1,5 @@
 """An independent, deliberately plain EMO reference for the tests: per token, per head, per
-expert Python loops over weights read straight from the safetensors files (emo-model.md)."""
+expert Python loops over weights read straight from the safetensors files (docs/emo.md)."""
 
 from __future__ import annotations
 

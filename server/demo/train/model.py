@@ -170,7 +170,7 @@ class EmoForTraining(nn.Module):
         return self.lm_head(self.model.norm(x)).float(), lb_total / c.num_layers
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
-        """Tensors under the checkpoint's names (emo-model.md), experts split per expert."""
+        """Tensors under the checkpoint's names (docs/emo.md, "Tensor names"), experts split per expert."""
         out: dict[str, torch.Tensor] = {}
         inter = self.config.intermediate_size
         for name, p in self.state_dict().items():

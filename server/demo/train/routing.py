@@ -38,7 +38,8 @@ def segment_pools(
 def route_tokens(
     logits: torch.Tensor, num_shared: int, num_routed: int, allowed: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token routing (emo-model.md): the shared experts are the last `num_shared` ids.
+    """Per-token routing (docs/emo.md, "Routing of one token"): the shared experts are the last
+    `num_shared` ids.
 
     logits [N, E]; allowed [N, R] bool or None (full routing).
     Returns ids [N, k] routable ids, weights [N, k] (masked-softmax probabilities, not
