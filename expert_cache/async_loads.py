@@ -24,7 +24,7 @@ import torch
 from expert_cache.base import ExpertKey, ExpertStore, SlotsExhausted
 from expert_cache.tally import Traffic
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("emo_serve.expert_cache")
 
 
 class ExpertLoad:
