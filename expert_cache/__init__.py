@@ -18,13 +18,14 @@ from expert_cache.base import (
 )
 from expert_cache.cache import TieredExpertCache
 from expert_cache.catalog import per_expert_catalog
+from expert_cache.errors import CheckpointError
 from expert_cache.memory import (
     default_device_budget_bytes,
     default_host_budget_bytes,
     format_bytes,
     parse_bytes,
 )
-from expert_cache.safetensors_index import CheckpointError, SafetensorsIndex
+from expert_cache.safetensors_index import SafetensorsIndex
 
 __all__ = [
     "CacheStats",

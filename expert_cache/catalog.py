@@ -19,7 +19,8 @@ from collections.abc import Callable
 import torch
 
 from expert_cache.base import ExpertCatalog, ExpertKey, PartSpec, TensorChunk
-from expert_cache.safetensors_index import CheckpointError, SafetensorsIndex, TensorInfo
+from expert_cache.errors import CheckpointError
+from expert_cache.safetensors_index import SafetensorsIndex, TensorInfo
 
 EXPERT_TENSOR = re.compile(
     r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$"

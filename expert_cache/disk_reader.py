@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from expert_cache.base import ExpertCatalog, ExpertKey, TensorChunk
-from expert_cache.safetensors_index import CheckpointError, TensorInfo, read_bytes_into, read_header
+from expert_cache.errors import CheckpointError
+from expert_cache.safetensors_index import TensorInfo, read_bytes_into, read_header
 
 RawBuffer = Callable[[int], torch.Tensor]  # nbytes -> a reusable uint8 CPU tensor of >= nbytes
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from expert_cache.errors import CheckpointError
+
 # safetensors dtype names -> torch dtypes; only what model checkpoints use.
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -30,15 +32,6 @@ DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used, naming the file and, where known, the tensor or field."""
-
-    def __init__(self, path: Path | str, message: str, tensor: str | None = None) -> None:
-        where = f"{path}" + (f", tensor '{tensor}'" if tensor else "")
-        super().__init__(f"{where}: {message}")
-        self.path, self.tensor, self.message = Path(path), tensor, message
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from expert_cache.safetensors_index import CheckpointError
+    from expert_cache.errors import CheckpointError
     from server.bench.config import DecodeBenchConfig
     from server.bench.run import run_decode_bench
 

@@ -58,7 +58,7 @@ def _add_cache(parser: argparse.ArgumentParser) -> None:
 
 def _run_cache(args: argparse.Namespace) -> int:
     from expert_cache.bench import CacheBenchConfig, run_cache_bench
-    from expert_cache.safetensors_index import CheckpointError
+    from expert_cache.errors import CheckpointError
 
     try:
         cfg = CacheBenchConfig(

@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from expert_cache import TieredExpertCache, default_host_budget_bytes, parse_bytes
-    from expert_cache.safetensors_index import CheckpointError
+    from expert_cache.errors import CheckpointError
     from server.engine.config import EngineConfig, resolve_device, resolve_dtype
     from server.engine.engine import Engine
     from server.engine.request import GenerationRequest, QueueFull, RequestError, SamplingParams

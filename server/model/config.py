@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from expert_cache.safetensors_index import CheckpointError
+from expert_cache.errors import CheckpointError
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 QK_NORMS = ("none", "full", "head")  # full: over the whole projection (OLMoE); head: per head (Qwen3)

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from expert_cache.base import ExpertCatalog, ExpertStore
-from expert_cache.safetensors_index import CheckpointError, SafetensorsIndex
+from expert_cache.errors import CheckpointError
+from expert_cache.safetensors_index import SafetensorsIndex
 from server.model.config import ModelConfig, load_config
 from server.model.model import MoETransformer
 from server.model.resident import ResidentExpertStore

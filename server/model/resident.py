@@ -25,7 +25,8 @@ from expert_cache.base import (
     TierStats,
     ids_by_layer,
 )
-from expert_cache.safetensors_index import CheckpointError, read_bytes_into
+from expert_cache.errors import CheckpointError
+from expert_cache.safetensors_index import read_bytes_into
 
 
 def load_part(chunks: Sequence[TensorChunk], part: PartSpec, dtype: torch.dtype) -> torch.Tensor:

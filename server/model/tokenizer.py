@@ -10,7 +10,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from expert_cache.safetensors_index import CheckpointError
+from expert_cache.errors import CheckpointError
 
 SPECIAL_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from expert_cache.safetensors_index import CheckpointError
+from expert_cache.errors import CheckpointError
 from server.model.config import ModelConfig, load_config
 from server.model.families import FAMILIES
 from server.model.kv_cache import KVCache
