@@ -1,6 +1,8 @@
 """Expert paging for MoE inference: disk (safetensors) -> host RAM -> fixed device slots.
 
-Knows experts only as keys ``(layer, expert)`` and byte sizes; never imports ``server``.
+Two ``ExpertStore``s: ``TieredExpertCache`` pages experts through a bounded device cache;
+``ResidentExpertStore`` loads every expert onto the device once. Knows experts only as keys
+``(layer, expert)`` and byte sizes; never imports ``server``.
 """
 
 from expert_cache.base import (
@@ -25,6 +27,7 @@ from expert_cache.memory import (
     format_bytes,
     parse_bytes,
 )
+from expert_cache.resident import ResidentExpertStore
 from expert_cache.safetensors_index import SafetensorsIndex
 
 __all__ = [
@@ -36,6 +39,7 @@ __all__ = [
     "LayerResidency",
     "PartSpec",
     "ResidencySnapshot",
+    "ResidentExpertStore",
     "SafetensorsIndex",
     "ExpertLoadTimeout",
     "SlotsExhausted",

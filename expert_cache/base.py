@@ -168,6 +168,11 @@ class ExpertStore(ABC):
     - ``prefetch(keys)`` is best effort: it loads what fits into free unpinned slots, never
       evicts a pinned slot, may do nothing, and never raises for lack of room.
     - Device bytes of slabs never exceed the configured budget. Methods are thread-safe.
+    - ``close()`` ends the store's life: it stops its background work (a loader thread) and
+      takes its metrics off their registry. Call it once, when nothing will ask the store for
+      experts any more (after the engine has stopped); no method may be called after it. Slab
+      tensors already handed out stay readable. The default does nothing, which suits stores
+      that start no threads and register no metrics (``ResidentExpertStore``).
     """
 
     lock: threading.RLock
@@ -220,3 +225,6 @@ class ExpertStore(ABC):
         """Where ``key`` would come from now: "device" (resident), "host" or "disk". Stores
         without a host tier answer "device" or "disk"."""
         return "device" if self.is_resident(key) else "disk"
+
+    def close(self) -> None:  # noqa: B027 (a deliberate no-op default: see the contract)
+        """Stop background work and unregister metrics (see the contract); default: nothing."""

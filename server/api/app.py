@@ -80,9 +80,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
             state.draining = True
             await asyncio.to_thread(engine.shutdown, grace)
             # stops the cache's loader thread once nothing can ask it for experts any more
-            close = getattr(loaded.model.expert_store, "close", None)
-            if callable(close):
-                close()
+            loaded.model.expert_store.close()
             logger.info("engine stopped")
 
     app = FastAPI(title="emo-serve", version=routes_misc.package_version(), lifespan=lifespan)

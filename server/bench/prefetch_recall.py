@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from expert_cache.base import CacheStats, ExpertCatalog, ExpertKey, ExpertStore, ResidencySnapshot
+from expert_cache.resident import ResidentExpertStore
 from server.model.kv_cache import KVCache
 from server.model.loader import load_model
-from server.model.resident import ResidentExpertStore
 from server.model.synth import DOMAINS, sample_prompt
 
 

@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from expert_cache.base import ExpertCatalog, ExpertKey, ExpertStore
 from expert_cache.cache import TieredExpertCache
 from expert_cache.host_tier import host_bytes_for
+from expert_cache.resident import ResidentExpertStore
 from server.bench.config import DecodeBenchConfig, Scenario
 from server.bench.workload import Recorder, Track, decode_rate, domain_prompt, greedy, ttft
 from server.engine.config import EngineConfig
@@ -27,7 +28,6 @@ from server.engine.engine import Engine
 from server.engine.request import GenerationRequest, RequestError
 from server.model.kv_cache import KVCache
 from server.model.loader import load_model
-from server.model.resident import ResidentExpertStore
 
 WAIT_S = 1800.0
 HOST_LATENCY = "emo_serve_expert_cache_load_latency_seconds_sum"
@@ -140,7 +140,7 @@ def run_scenario(
         engine = Engine(loaded, EngineConfig(max_num_seqs=cfg.concurrency, max_model_len=cfg.max_model_len,
                                              default_pool=sc.routing), CollectorRegistry())
     except ValueError as e:
-        _close(store)
+        store.close()
         result.skipped = str(e)
         return result
     engine.start()
@@ -150,7 +150,7 @@ def run_scenario(
         result.skipped = f"rejected by the engine: {e}"
     finally:
         engine.shutdown(grace_s=0.0)
-        _close(store)
+        store.close()
     trunk = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
     kv = KVCache.bytes_per_slot(loaded.config, cfg.max_model_len, loaded.model.dtype) * engine.num_kv_slots
     result.budget_bytes = trunk + store.stats().device.capacity_bytes + kv
@@ -166,11 +166,6 @@ def _per_layer_counts(catalog: ExpertCatalog) -> dict[int, int]:
     for layer, _ in catalog.chunks:
         counts[layer] = counts.get(layer, 0) + 1
     return counts
-
-
-def _close(store: ExpertStore) -> None:
-    if isinstance(store, TieredExpertCache):
-        store.close()
 
 
 def _submit(engine: Engine, rec: Recorder, rid: str, ids: list[int], n: int, pool_keys: bool = False) -> str:

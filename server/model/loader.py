@@ -16,10 +16,10 @@ import torch
 
 from expert_cache.base import ExpertCatalog, ExpertStore
 from expert_cache.errors import CheckpointError
+from expert_cache.resident import ResidentExpertStore
 from expert_cache.safetensors_index import SafetensorsIndex
 from server.model.config import ModelConfig, load_config
 from server.model.model import MoETransformer
-from server.model.resident import ResidentExpertStore
 from server.model.tokenizer import TokenizerBundle, generation_defaults, load_tokenizer
 from server.model.weights import FLOAT_DTYPES, build_catalog, expected_tensors, read_trunk
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from expert_cache.base import ExpertKey, ExpertStore
+from expert_cache.resident import ResidentExpertStore
 from server.model.attention import Attention, decode_mask
 from server.model.config import ModelConfig
 from server.model.decode_graphs import GraphedDecode
@@ -18,7 +19,6 @@ from server.model.kv_cache import KVCache
 from server.model.layers import RMSNorm, SwiGLU, as_float, frozen
 from server.model.moe import ExpertPlan, MoEBlock
 from server.model.pool import pool_mask, pool_scores, routable_index, select_pool
-from server.model.resident import ResidentExpertStore
 from server.model.rope import RotaryEmbedding
 from server.model.routing import Routes, route
 from server.model.weights import build_layer_modules

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from expert_cache.resident import ResidentExpertStore
 from server.model.loader import load_model
-from server.model.resident import ResidentExpertStore
 from tests.model.checkpoints import write_emo
 
 ROUTER = "model.layers.1.mlp.gate.weight"

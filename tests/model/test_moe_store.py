@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from expert_cache.base import ExpertCatalog, ExpertKey, SlotsExhausted
+from expert_cache.resident import ResidentExpertStore
 from server.model.kv_cache import KVCache
 from server.model.loader import LoadedModel, load_model
-from server.model.resident import ResidentExpertStore
 from tests.model.checkpoints import write_emo
 
 PROMPT = [1, 7, 23, 40, 9, 81, 15, 33, 60, 12, 5, 70, 71, 72]

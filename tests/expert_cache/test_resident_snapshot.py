@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from server.model.resident import ResidentExpertStore
+from expert_cache.resident import ResidentExpertStore
 from tests.expert_cache.helpers import hand_catalog, write_checkpoint
 
 
