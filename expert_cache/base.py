@@ -7,6 +7,7 @@ about requests: pinning is reference-counted, and whoever pins a key releases it
 
 from __future__ import annotations
 
+import math
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
@@ -83,18 +84,10 @@ class ExpertCatalog:
     dtype: torch.dtype  # dtype of the slabs the model computes on
 
     def expert_bytes(self, layer: int) -> int:
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
-        return sum(itemsize * _numel(p.shape) for p in self.parts[layer])
+        return sum(self.dtype.itemsize * math.prod(p.shape) for p in self.parts[layer])
 
     def keys(self) -> list[ExpertKey]:
         return sorted(self.chunks)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 @dataclass

@@ -9,6 +9,7 @@ passes through a scratch byte buffer to be converted.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,10 +20,6 @@ from expert_cache.errors import CheckpointError
 from expert_cache.safetensors_index import TensorInfo, read_bytes_into, read_header
 
 RawBuffer = Callable[[int], torch.Tensor]  # nbytes -> a reusable uint8 CPU tensor of >= nbytes
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 class DiskReader:
@@ -57,9 +54,7 @@ class DiskReader:
                     if chunk.dtype != catalog.dtype:
                         self._converts.add(key)
                         self.max_convert_chunk_bytes = max(self.max_convert_chunk_bytes, chunk.nbytes)
-                expected = 1
-                for d in spec.shape:
-                    expected *= d
+                expected = math.prod(spec.shape)
                 if numel != expected:
                     raise CheckpointError(
                         chunks[0].path,
@@ -85,7 +80,7 @@ class DiskReader:
             )
         if not (chunk.dtype.is_floating_point or chunk.dtype == self.catalog.dtype):
             raise CheckpointError(path, f"cannot convert {chunk.dtype} to {self.catalog.dtype}", name)
-        size = _itemsize(chunk.dtype)
+        size = chunk.dtype.itemsize
         if chunk.nbytes != chunk.numel * size or chunk.numel < 0:
             raise CheckpointError(
                 path, f"chunk of {chunk.numel} x {chunk.dtype} cannot span {chunk.nbytes} bytes", name

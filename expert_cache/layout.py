@@ -6,6 +6,7 @@ bytes, and a group never gets more slots than it has keys.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -23,18 +24,8 @@ class SlabGroup:
     num_keys: int
     dtype: torch.dtype
 
-    @property
-    def itemsize(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
-
-    def part_numel(self, part: PartSpec) -> int:
-        n = 1
-        for d in part.shape:
-            n *= d
-        return n
-
     def part_bytes(self, part: PartSpec) -> int:
-        return self.part_numel(part) * self.itemsize
+        return math.prod(part.shape) * self.dtype.itemsize
 
     @property
     def expert_bytes(self) -> int:

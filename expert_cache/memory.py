@@ -35,8 +35,13 @@ HOST_MARGIN_FRACTION = 0.10  # of total RAM, when that is more than MIN_HOST_MAR
 
 
 def parse_bytes(value: str | int, *, what: str = "size") -> int:
-    """``"6GiB"`` -> 6442450944. Decimal units (kB, MB, GB) are powers of 1000, binary ones
-    (KiB, MiB, GiB) powers of 1024, a bare number is bytes. Raises ValueError naming ``what``."""
+    """``"6GiB"`` -> 6442450944: the one byte-size parser of every flag, variable and option.
+
+    A number (a fraction is fine: ``"1.5GB"``, ``".5k"``) and an optional unit, in any case,
+    with space allowed around it. Units: none or ``B`` are bytes; ``k``/``kB``, ``M``/``MB``,
+    ``G``/``GB``, ``T``/``TB`` are powers of 1000; ``KiB``, ``MiB``, ``GiB``, ``TiB`` powers of
+    1024. A fractional byte count is truncated. An int is taken as bytes. Negative sizes and
+    anything else raise ValueError naming ``what``."""
     if isinstance(value, bool):
         raise ValueError(f"{what}: expected a byte size, got {value!r}")
     if isinstance(value, int):

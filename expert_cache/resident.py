@@ -7,6 +7,7 @@ with a tiered cache.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import Counter
 from collections.abc import Sequence
@@ -37,9 +38,7 @@ def load_part(chunks: Sequence[TensorChunk], part: PartSpec, dtype: torch.dtype)
         read_bytes_into(c.path, c.offset, raw)
         pieces.append(raw.view(c.dtype).to(dtype))
     flat = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-    expected = 1
-    for d in part.shape:
-        expected *= d
+    expected = math.prod(part.shape)
     if flat.numel() != expected:
         raise CheckpointError(chunks[0].path, f"expert part {part.name} has {flat.numel()} elements, "
                               f"expected {expected} for shape {part.shape}", chunks[0].tensor_name)

@@ -8,6 +8,7 @@ buffer (``readinto``): no whole-file load, no intermediate copy.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Iterable, Iterator
@@ -18,8 +19,9 @@ import torch
 
 from expert_cache.errors import CheckpointError
 
-# safetensors dtype names -> torch dtypes; only what model checkpoints use.
-DTYPES: dict[str, torch.dtype] = {
+# safetensors dtype codes -> torch dtypes; only what model checkpoints use. These codes are the
+# file format's own namespace, apart from the names flags and config.json use (server/model/dtypes.py).
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
@@ -31,6 +33,7 @@ DTYPES: dict[str, torch.dtype] = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+SAFETENSORS_CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
 
 
@@ -45,10 +48,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
@@ -86,7 +86,7 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int, size: in
     if not isinstance(entry, dict):
         raise CheckpointError(path, "corrupt header entry", name)
     dtype_name, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype_name not in DTYPES:
+    if dtype_name not in SAFETENSORS_DTYPES:
         raise CheckpointError(path, f"unsupported dtype {dtype_name!r}", name)
     if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
         raise CheckpointError(path, f"bad shape {shape!r}", name)
@@ -97,16 +97,14 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int, size: in
         and 0 <= offsets[0] <= offsets[1]
     ):
         raise CheckpointError(path, f"bad data_offsets {offsets!r}", name)
-    dtype = DTYPES[dtype_name]
-    numel = 1
-    for d in shape:
-        numel *= d
+    dtype = SAFETENSORS_DTYPES[dtype_name]
+    numel = math.prod(shape)
     nbytes = offsets[1] - offsets[0]
-    if nbytes != numel * torch.empty((), dtype=dtype).element_size():
+    if nbytes != numel * dtype.itemsize:
         raise CheckpointError(
             path,
             f"data_offsets span {nbytes} bytes but {dtype_name}{shape} needs "
-            f"{numel * torch.empty((), dtype=dtype).element_size()}",
+            f"{numel * dtype.itemsize}",
             name,
         )
     if data_start + offsets[1] > size:

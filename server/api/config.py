@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from expert_cache.memory import MiB, parse_bytes
+from server.model.dtypes import COMPUTE_DTYPES
 
 ENV_PREFIX = "EMO_SERVE_"
 
-DTYPES = ("auto", "bf16", "fp16", "fp32")
+DTYPES = ("auto", *COMPUTE_DTYPES)
 POOL_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"  # names of named expert pools
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
@@ -31,13 +32,8 @@ class ConfigError(ValueError):
         self.setting, self.message = setting, message
 
 
-def parse_size(text: str) -> int:
-    """Bytes from ``"6GiB"``, ``"512MiB"``, ``"1.5GB"`` or a plain count: the cache's parser."""
-    return parse_bytes(text)
-
-
 def _optional_size(text: str) -> int | None:
-    return None if text.strip().lower() == "auto" else parse_size(text)
+    return None if text.strip().lower() == "auto" else parse_bytes(text)
 
 
 def _pool_size(text: str) -> int | Literal["full"]:
@@ -162,7 +158,7 @@ OPTIONS: tuple[Option, ...] = (
            "prefill work per engine step, in token rows, between decode steps (default 2048)"),
     Option("api_key", str, "KEY", "require 'Authorization: Bearer KEY' on /v1 and tokenizer routes"),
     Option("served_model_name", _names, "NAME[,NAME]", "model names clients may ask for"),
-    Option("max_body_bytes", parse_size, "BYTES", "largest request body (default 8MiB)"),
+    Option("max_body_bytes", parse_bytes, "BYTES", "largest request body (default 8MiB)"),
     Option("max_n", _int, "N", "most choices per request, n x prompts (default 16)"),
     Option("max_stop", _int, "N", "most stop strings per request (default 8)"),
     Option("max_stop_len", _int, "CHARS", "longest stop string (default 256)"),

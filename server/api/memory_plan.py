@@ -75,18 +75,14 @@ class MemoryPlan:
                             f"--max-num-seqs or --max-model-len\n{self.describe()}")
 
 
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 def expert_bytes(mc: ModelConfig, dtype: torch.dtype) -> int:
     """All routable experts: gate_up [2I, H] + down [H, I] each."""
-    per_expert = 3 * mc.intermediate_size * mc.hidden_size * _itemsize(dtype)
+    per_expert = 3 * mc.intermediate_size * mc.hidden_size * dtype.itemsize
     return sum(len(mc.routable_experts(layer)) for layer in mc.moe_layers) * per_expert
 
 
 def trunk_bytes(mc: ModelConfig, dtype: torch.dtype) -> int:
-    total = sum(math.prod(shape) for shape in expected_tensors(mc).values()) * _itemsize(dtype)
+    total = sum(math.prod(shape) for shape in expected_tensors(mc).values()) * dtype.itemsize
     return total - expert_bytes(mc, dtype)
 
 
@@ -94,7 +90,7 @@ def workspace_bytes(mc: ModelConfig, max_len: int, max_num_seqs: int, dtype: tor
     T, V, H = max_len, mc.vocab_size, mc.hidden_size
     prefill_logits = T * V * 4
     attention_scores = mc.num_heads * T * T * 4
-    moe = T * mc.top_k * 2 * mc.intermediate_size * _itemsize(dtype) * 2
+    moe = T * mc.top_k * 2 * mc.intermediate_size * dtype.itemsize * 2
     activations = T * H * 4 * 8
     decode = max_num_seqs * V * 4 * 2
     return prefill_logits + attention_scores + moe + activations + decode

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from server.bench.config import CPU_PRESET, GPU_PRESET
+from server.model.dtypes import COMPUTE_DTYPES
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -41,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="synthetic checkpoint with N layers of the preset's shape (emo-1b14b: 16 "
                              "layers, 28 GB, several minutes to write)")
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default cuda when available)")
-    parser.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
+    parser.add_argument("--dtype", default=None, choices=list(COMPUTE_DTYPES),
                         help="compute dtype (default bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--out", type=Path, default=Path("bench-decode"), metavar="DIR",
                         help="where the JSON, Markdown and PNG files go (default ./bench-decode)")

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from server.model.dtypes import COMPUTE_DTYPES
+
 RESIDENT = 1.0  # tier fraction served by ResidentExpertStore
 CPU_PRESET, GPU_PRESET = "tiny", "emo-1b14b"
 Routing = int | Literal["full"]
@@ -47,7 +49,7 @@ class DecodeBenchConfig:
     fullgraph: bool = True  # compile the decode step with fullgraph=True for the decode_step report
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("bf16", "fp16", "fp32"):
+        if self.dtype not in COMPUTE_DTYPES:
             raise ValueError(f"dtype must be bf16, fp16 or fp32, got {self.dtype!r}")
         if not self.tiers or any(not (isinstance(t, float) and 0.0 < t <= 1.0) for t in self.tiers):
             raise ValueError(f"tiers must be fractions in (0, 1], got {self.tiers!r}")

@@ -23,9 +23,8 @@ from server.bench.config import RESIDENT, DecodeBenchConfig
 from server.bench.scenario import ScenarioResult
 from server.bench.workload import domain_prompt
 from server.model.config import load_config
+from server.model.dtypes import COMPUTE_DTYPES
 from server.model.tokenizer import load_tokenizer
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _model_class(modeling: Path, package_dir: Path) -> Any:
@@ -79,7 +78,8 @@ def hf_reference(cfg: DecodeBenchConfig, model_dir: Path) -> ScenarioResult:
         with tempfile.TemporaryDirectory() as tmp:
             cls = _model_class(Path(cfg.reference_modeling), Path(tmp))
             config = cls.config_class.from_pretrained(model_dir)
-            model = cls.from_pretrained(model_dir, config=config, dtype=DTYPES[cfg.dtype]).to(device).eval()
+            dtype = COMPUTE_DTYPES[cfg.dtype]
+            model = cls.from_pretrained(model_dir, config=config, dtype=dtype).to(device).eval()
         mc = load_config(model_dir)
         tokenizer = load_tokenizer(model_dir, mc.bos_token_id, mc.eos_token_ids)
         ids = torch.tensor([domain_prompt(tokenizer, 1, cfg.prompt_tokens, cfg.seed + 1)], device=device)

@@ -4,26 +4,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
+import math
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from server.model.synth.spec import DEFAULT_DOMAINS, DTYPES, PRESETS, make_spec
+from expert_cache.memory import parse_bytes
+from server.model.dtypes import COMPUTE_DTYPES
+from server.model.synth.spec import DEFAULT_DOMAINS, PRESETS, make_spec
 from server.model.synth.vocab import DOMAINS
 from server.model.synth.writer import write_spec
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
 
 def parse_size(text: str) -> int:
-    """'2GiB', '500MB', '1048576' -> bytes."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 2GiB, 500MB, 1048576)")
-    value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    """A positive byte size in any unit ``parse_bytes`` reads: '2GiB', '500MB', '1048576'."""
+    try:
+        value = parse_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
     if value <= 0:
         raise argparse.ArgumentTypeError(f"size must be > 0, got {text!r}")
     return value
@@ -47,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--domains", type=int, default=None, metavar="D",
                         help=f"number of planted domains, 1..{len(DOMAINS)} (taken in order from "
                         f"{', '.join(DOMAINS)}); default per preset {DEFAULT_DOMAINS}")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    parser.add_argument("--dtype", choices=list(COMPUTE_DTYPES), default="bf16")
     parser.add_argument("--shard-size", type=parse_size, default=2 * 1024**3, metavar="SIZE",
                         help="largest safetensors shard, e.g. 2GiB (default), 500MB")
     parser.add_argument("--set", type=_override, action="append", default=[], metavar="KEY=JSON",
@@ -76,16 +75,9 @@ def run(args: argparse.Namespace) -> int:
         return 1
     shards = sorted(out.glob("*.safetensors"))
     size = sum(f.stat().st_size for f in shards)
-    params = sum(_numel(t.shape) for t in spec.tensors())
+    params = sum(math.prod(t.shape) for t in spec.tensors())
     print(f"wrote {out}: preset {args.preset}, {params / 1e6:.1f}M parameters, {args.dtype}, "
           f"{size / 2**20:.1f} MiB in {len(shards)} shard(s), {time.monotonic() - start:.1f}s")
     print(f"domains: {', '.join(spec.domains)} ({len(spec.planted(spec.moe_layers[0])[0])} planted "
           f"experts each)" if spec.moe_layers else f"domains: {', '.join(spec.domains)}")
     return 0
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

@@ -7,13 +7,9 @@ from typing import Literal
 
 import torch
 
-MAX_MODEL_LEN_CAP = 4096  # default cap on the context (KV slots are max_model_len long)
+from server.model.dtypes import COMPUTE_DTYPES, DTYPE_NAMES
 
-_DTYPES: dict[str, torch.dtype] = {
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-}
+MAX_MODEL_LEN_CAP = 4096  # default cap on the context (KV slots are max_model_len long)
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -34,14 +30,14 @@ def resolve_device(name: str | None) -> torch.device:
 def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """'auto' / None -> bf16 on CUDA, fp32 on CPU; otherwise bf16 / fp16 / fp32 (or a dtype)."""
     if isinstance(name, torch.dtype):
-        if name not in _DTYPES.values():
+        if name not in COMPUTE_DTYPES.values():
             raise ValueError(f"dtype: {name} is not supported (bf16, fp16, fp32)")
         return name
     if name in (None, "auto"):
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in _DTYPES:
+    if name not in DTYPE_NAMES:
         raise ValueError(f"dtype: {name!r} is not supported (use auto, bf16, fp16 or fp32)")
-    return _DTYPES[name]
+    return DTYPE_NAMES[name]
 
 
 @dataclass(frozen=True)

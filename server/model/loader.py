@@ -19,13 +19,12 @@ from expert_cache.errors import CheckpointError
 from expert_cache.resident import ResidentExpertStore
 from expert_cache.safetensors_index import SafetensorsIndex
 from server.model.config import ModelConfig, load_config
+from server.model.dtypes import COMPUTE_DTYPES, DTYPE_NAMES
 from server.model.model import MoETransformer
 from server.model.tokenizer import TokenizerBundle, generation_defaults, load_tokenizer
-from server.model.weights import FLOAT_DTYPES, build_catalog, expected_tensors, read_trunk
+from server.model.weights import build_catalog, expected_tensors, read_trunk
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-               "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
 @dataclass
@@ -47,7 +46,7 @@ def resolve_dtype(dtype: torch.dtype | str, index: SafetensorsIndex, config: Mod
         resolved = DTYPE_NAMES[dtype]
     else:
         raise ValueError(f"dtype must be one of auto, {', '.join(DTYPE_NAMES)}, got {dtype!r}")
-    if resolved not in FLOAT_DTYPES:
+    if resolved not in COMPUTE_DTYPES.values():
         raise ValueError(f"dtype {resolved} is not supported (float32, bfloat16, float16)")
     return resolved
 
@@ -85,7 +84,7 @@ def validate_tensors(config: ModelConfig, index: SafetensorsIndex, directory: Pa
             raise CheckpointError(
                 info.path, f"wrong shape {list(info.shape)}, expected {list(shape)}", name
             )
-        if info.dtype not in FLOAT_DTYPES:
+        if info.dtype not in COMPUTE_DTYPES.values():
             raise CheckpointError(
                 info.path, f"wrong dtype {info.dtype}, expected float32, bfloat16 or float16", name
             )

@@ -16,7 +16,6 @@ from server.model.config import ModelConfig
 from server.model.layers import RMSNorm, SwiGLU
 from server.model.moe import MoEBlock
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 Shapes = dict[str, tuple[int, ...]]
 
 

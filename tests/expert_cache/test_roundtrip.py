@@ -77,10 +77,8 @@ def test_dtype_conversion(
         assert cache.slab(0)["gate_up"].dtype == slab_dtype
         _read_all(cache, tensors, slab_dtype)
         _read_all(cache, tensors, slab_dtype)
-        file_itemsize = torch.empty((), dtype=file_dtype).element_size()
-        slab_itemsize = torch.empty((), dtype=slab_dtype).element_size()
         file_bytes = sum(c.nbytes for chunks in catalog.chunks[(0, 0)].values() for c in chunks)
-        assert file_bytes == eb // slab_itemsize * file_itemsize
+        assert file_bytes == eb // slab_dtype.itemsize * file_dtype.itemsize
         s = cache.stats()
         assert s.bytes_loaded_from_disk == s.host.misses * file_bytes
 

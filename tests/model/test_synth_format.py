@@ -187,8 +187,10 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "nope" in capsys.readouterr().err
     assert _cli([str(out)]) == 1
     assert synth_cli.parse_size("2GiB") == 2 * 1024**3 and synth_cli.parse_size("500MB") == 500 * 10**6
-    with pytest.raises(argparse.ArgumentTypeError):
-        synth_cli.parse_size("2 parsecs")
+    assert synth_cli.parse_size("1.5k") == 1500  # the shared parser's units (parse_bytes)
+    for bad in ("2 parsecs", "0", "-1MB"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            synth_cli.parse_size(bad)
 
 
 def test_demo_checkpoint_is_written_once_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from server.demo.train.config import DemoModelConfig
 from server.demo.train.model import EmoForTraining
+from server.model.dtypes import torch_name
 from server.model.families.emo import as_written_by_authors
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
@@ -38,7 +39,7 @@ def save_checkpoint(
     config = model.config.hf_config(
         eos_token_id=generation["eos_token_id"], pad_token_id=generation["pad_token_id"], bos_token_id=None
     )
-    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    config["torch_dtype"] = torch_name(dtype)
     (out / "config.json").write_text(json.dumps(as_written_by_authors(config), indent=2) + "\n")
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.hf_state_dict().items()}
     save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})

@@ -12,9 +12,9 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from server.model.dtypes import COMPUTE_DTYPES
 from server.model.synth.vocab import DOMAINS
 
-DTYPES: dict[str, str] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 SYNTH_KEY = "emo_synth"  # config.json entry recording seed, domains and planted experts
 
 _BASE: dict[str, Any] = {
@@ -65,8 +65,8 @@ class SynthSpec:
 
     def __post_init__(self) -> None:
         c = self.config
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"dtype must be one of {list(COMPUTE_DTYPES)}, got {self.dtype!r}")
         for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                     "num_key_value_heads", "head_dim", "intermediate_size", "num_experts",
                     "num_experts_per_tok", "max_position_embeddings"):

@@ -9,6 +9,7 @@ padded with spaces to a multiple of 8 bytes, then the tensors' bytes in header o
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -16,14 +17,10 @@ from pathlib import Path
 
 import torch
 
+from expert_cache.safetensors_index import SAFETENSORS_CODES
+from server.model.dtypes import COMPUTE_DTYPES
 from server.model.synth.spec import TensorSpec
 
-# synth dtype name -> (safetensors dtype name, torch dtype)
-ST_DTYPES: dict[str, tuple[str, torch.dtype]] = {
-    "bf16": ("BF16", torch.bfloat16),
-    "fp16": ("F16", torch.float16),
-    "fp32": ("F32", torch.float32),
-}
 INDEX_FILE = "model.safetensors.index.json"
 
 
@@ -36,10 +33,7 @@ class Shard:
 
 
 def tensor_nbytes(t: TensorSpec, itemsize: int) -> int:
-    n = itemsize
-    for d in t.shape:
-        n *= d
-    return n
+    return itemsize * math.prod(t.shape)
 
 
 def plan_shards(tensors: list[TensorSpec], dtype: str, shard_bytes: int) -> list[Shard]:
@@ -47,8 +41,8 @@ def plan_shards(tensors: list[TensorSpec], dtype: str, shard_bytes: int) -> list
     past ``shard_bytes`` (a tensor larger than that gets a shard of its own)."""
     if isinstance(shard_bytes, bool) or not isinstance(shard_bytes, int) or shard_bytes <= 0:
         raise ValueError(f"shard size must be a positive number of bytes, got {shard_bytes!r}")
-    st_name, torch_dtype = ST_DTYPES[dtype]
-    itemsize = torch.empty((), dtype=torch_dtype).element_size()
+    torch_dtype = COMPUTE_DTYPES[dtype]
+    st_name, itemsize = SAFETENSORS_CODES[torch_dtype], torch_dtype.itemsize
     groups: list[list[TensorSpec]] = [[]]
     size = 0
     for t in tensors:
@@ -82,8 +76,8 @@ def write_shards(
 ) -> int:
     """Write every shard, pulling each tensor's float32 blocks from ``blocks``; returns the
     total data bytes. ``progress(done_bytes, total_bytes)`` is called after each tensor."""
-    _, torch_dtype = ST_DTYPES[dtype]
-    itemsize = torch.empty((), dtype=torch_dtype).element_size()
+    torch_dtype = COMPUTE_DTYPES[dtype]
+    itemsize = torch_dtype.itemsize
     total = sum(s.data_bytes for s in shards)
     done = 0
     for shard in shards:

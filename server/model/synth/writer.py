@@ -14,8 +14,9 @@ from typing import Any
 import torch
 
 from server.cache_dir import cache_root
+from server.model.dtypes import COMPUTE_DTYPES, torch_name
 from server.model.families.emo import as_written_by_authors
-from server.model.synth.spec import DTYPES, SYNTH_KEY, SynthSpec, make_spec
+from server.model.synth.spec import SYNTH_KEY, SynthSpec, make_spec
 from server.model.synth.stream import INDEX_FILE, plan_shards, write_index, write_shards
 from server.model.synth.vocab import (
     BOS,
@@ -63,7 +64,7 @@ def write_spec(
         "bos_token_id": ids[BOS],
         "eos_token_id": ids[EOS],
         "pad_token_id": ids[PAD],
-        "torch_dtype": DTYPES[spec.dtype],
+        "torch_dtype": torch_name(COMPUTE_DTYPES[spec.dtype]),
         SYNTH_KEY: spec.synth_record(),
     }
     D = len(spec.domains)
