@@ -188,8 +188,7 @@ def run_mode(cfg: ArrivalsConfig, mode: str, log: Callable[[str], None]) -> Mode
                 result.arrivals = _gaps(tracks, start, end)
     finally:
         engine.shutdown(grace_s=0.0)
-        if isinstance(store, TieredExpertCache):
-            store.close()
+        store.close()
     return result
 
 
@@ -253,7 +252,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from expert_cache.safetensors_index import CheckpointError
+    from expert_cache.errors import CheckpointError
     from server.model.synth import write_checkpoint
 
     def log(message: str) -> None:

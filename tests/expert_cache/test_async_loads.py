@@ -12,7 +12,7 @@ import torch
 
 from expert_cache import ExpertKey, TieredExpertCache
 from expert_cache.async_loads import AsyncPinner
-from expert_cache.safetensors_index import CheckpointError
+from expert_cache.errors import CheckpointError
 from tests.expert_cache.helpers import expected_parts, hand_catalog, same_bits, write_checkpoint
 
 LAYERS, EXPERTS = 2, 6
