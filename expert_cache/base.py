@@ -156,11 +156,17 @@ class ExpertStore(ABC):
       returned slot holds its expert, or the copies filling it are ordered before any later work
       on the compute stream (no read before a copy completes). A pinned slot is never evicted or
       overwritten. All keys of one call must be of one slab (one layer shape).
-    - ``acquire`` raises ``SlotsExhausted`` and pins nothing when the keys cannot all be pinned.
+    - ``acquire`` raises ``SlotsExhausted`` and pins nothing when the keys cannot all be pinned,
+      and ``ExpertLoadTimeout``, with its pins undone, when a load it waits on hangs.
+      ``acquire_slots`` is ``acquire`` answering host ints (no device round trip).
     - ``release(keys)`` drops one pin per key given (the same multiset that was acquired).
     - ``prefetch(keys)`` is best effort: it loads what fits into free unpinned slots, never
       evicts a pinned slot, may do nothing, and never raises for lack of room.
     - Device bytes of slabs never exceed the configured budget. Methods are thread-safe.
+    - Observation never changes state: ``stats()`` and ``snapshot()`` are consistent pictures of
+      one moment; ``thread_traffic()`` is the calling thread's own hits, misses and bytes (so
+      a caller can charge a request exactly the traffic it caused while loader threads run);
+      ``tier_of(key)`` says where a load of ``key`` would come from now.
     - ``close()`` ends the store's life: it stops its background work (a loader thread) and
       takes its metrics off their registry. Call it once, when nothing will ask the store for
       experts any more (after the engine has stopped); no method may be called after it. Slab
