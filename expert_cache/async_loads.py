@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -36,6 +37,7 @@ class ExpertLoad:
         self.traffic = Traffic()  # what this load cost the cache (hits, misses, bytes), once done
         self.abandoned = False
         self.finishing = False  # set once, when the load's completion is being handled
+        self.submitted = time.monotonic()  # callers bound how long they wait from here
 
     def done(self) -> bool:
         return self.future.done()

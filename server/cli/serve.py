@@ -70,7 +70,8 @@ def build_app(config: ServeConfig) -> FastAPI:
     mc = loaded.config
     engine_config = EngineConfig(max_num_seqs=config.max_num_seqs, max_model_len=config.max_model_len,
                                  max_queue=config.max_queue, default_pool=config.pool_size,
-                                 device=str(device), prefill_chunk_tokens=config.prefill_chunk_tokens)
+                                 device=str(device), prefill_chunk_tokens=config.prefill_chunk_tokens,
+                                 expert_load_timeout=config.expert_load_timeout)
     engine = Engine(loaded, engine_config, registry)
     log.info("loaded %s: %d layers, %s experts per layer, top-%d, vocab %d, %s on %s; default expert "
              "pool %s; max_model_len %d", model_dir, mc.num_layers, sorted(set(mc.num_experts)), mc.top_k,

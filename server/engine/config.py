@@ -54,9 +54,11 @@ class EngineConfig:
     decode, a piece is also kept to about this fraction of a decode step's time (measured; 0 =
     off), so streams' gaps stay within about (1 + share) x their usual size (engine/pace.py).
     ``loader_threads``: threads that page experts in for admitted requests, off the engine
-    thread. ``async_paging`` False brings
-    back the blocking behaviour (a prefill whole in one step, its pool read on the engine thread),
-    for benchmarks to compare against."""
+    thread. ``expert_load_timeout``: a request whose experts are not resident this many seconds
+    after its load was started fails (ExpertLoadTimeout) and frees what it holds; the read itself
+    cannot be interrupted and releases its pins when it lands. None waits forever.
+    ``async_paging`` False brings back the blocking behaviour (a prefill whole in one step, its
+    pool read on the engine thread), for benchmarks to compare against."""
 
     max_num_seqs: int = 16
     max_model_len: int | None = None
@@ -69,6 +71,7 @@ class EngineConfig:
     prefill_chunk_tokens: int = 2048
     prefill_share: float = 0.5
     loader_threads: int = 2
+    expert_load_timeout: float | None = 60.0
     async_paging: bool = True
 
     def __post_init__(self) -> None:
@@ -79,6 +82,10 @@ class EngineConfig:
         if not (isinstance(self.prefill_share, int | float) and self.prefill_share >= 0):
             raise ValueError(f"EngineConfig.prefill_share: must be a number >= 0, "
                              f"got {self.prefill_share!r}")
+        if self.expert_load_timeout is not None and not (
+                isinstance(self.expert_load_timeout, int | float) and self.expert_load_timeout > 0):
+            raise ValueError(f"EngineConfig.expert_load_timeout: must be a number > 0 or None, "
+                             f"got {self.expert_load_timeout!r}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int)
                                                or self.max_model_len < 2):
             raise ValueError(f"EngineConfig.max_model_len: must be an integer >= 2 or None, "

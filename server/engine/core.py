@@ -17,7 +17,9 @@ request alone; either way their KV slots and expert pins are freed and the engin
 until a running request ends), a decode is retried with the pool rows alone (their experts are
 pinned) while full-routing rows wait a step. A failed expert read fails the request that was
 loading it; a request that ends while LOADING abandons its load, which releases its own pins
-when it lands.
+when it lands. A load that has not landed ``load_timeout_s`` after it started (a read hanging
+on a stalled disk) fails its request with ExpertLoadTimeout the same way, at the first step
+past the deadline (the engine loop sleeps no longer than ``next_load_deadline``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from expert_cache.async_loads import AsyncPinner
-from expert_cache.base import ExpertKey, SlotsExhausted
+from expert_cache.base import ExpertKey, ExpertLoadTimeout, SlotsExhausted
 from server.engine.detokenizer import Detokenizer, TokenTexts
 from server.engine.faults import is_fatal
 from server.engine.kv_slots import KVSlotAllocator
@@ -64,7 +66,7 @@ class EngineCore:
                  metrics: EngineMetrics, on_finished: Callable[[str], None], *,
                  prefill_chunk_tokens: int = 2048, loader_threads: int = 2,
                  on_load_done: Callable[[], None] | None = None, async_paging: bool = True,
-                 prefill_share: float = 0.5) -> None:
+                 prefill_share: float = 0.5, load_timeout_s: float | None = None) -> None:
         self.config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.runner = runner
@@ -81,6 +83,7 @@ class EngineCore:
         self.pace = PrefillPace(prefill_chunk_tokens if async_paging else 2**62,
                                 prefill_share if async_paging else 0.0)
         self.pinner = AsyncPinner(runner.store, loader_threads, on_load_done)
+        self.load_timeout_s = load_timeout_s
         self.last_moe_layer = max(self.config.moe_layers, default=-1)
         self.resident = ResidentPools(runner.store, self.budget)
         self.max_pools = 0  # pools of the default size the device tier holds (the gateway's max_lora)
@@ -261,7 +264,29 @@ class EngineCore:
             self.metrics.pool_load.labels(source=seq.pool_source).observe(
                 max(0.0, time.monotonic() - seq.times.scheduled))
 
+    def next_load_deadline(self) -> float | None:
+        """The time.monotonic() at which the oldest load in flight times out; None when none can."""
+        if self.load_timeout_s is None:
+            return None
+        started = [s.load.submitted for s in self.scheduler.prefilling if s.load is not None]
+        return min(started) + self.load_timeout_s if started else None
+
+    def _time_out_loads(self) -> None:
+        if self.load_timeout_s is None:
+            return
+        now = time.monotonic()
+        for seq in [s for s in self.scheduler.prefilling if s.load is not None and not s.load.done()
+                    and now - s.load.submitted >= self.load_timeout_s]:
+            load = seq.load
+            assert load is not None
+            layer = load.keys[0][0]
+            error = ExpertLoadTimeout(load.keys[0], self.load_timeout_s)
+            log.warning("loading experts of layer %d for %s timed out: %s", layer, seq.request_id, error)
+            # _finish abandons the load: its pins go when the hung read lands
+            self._fail([seq], f"{type(error).__name__}: {error} (while loading the experts of layer {layer})")
+
     def _poll_loads(self) -> None:
+        self._time_out_loads()
         for seq in [s for s in self.scheduler.prefilling if s.load is not None and s.load.done()]:
             load, seq.load = seq.load, None
             assert load is not None

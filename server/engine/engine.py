@@ -84,7 +84,8 @@ class Engine:
                                                                  max_wait_steps=config.max_wait_steps),
                                 self.metrics, self._forget, prefill_chunk_tokens=config.prefill_chunk_tokens,
                                 loader_threads=config.loader_threads, on_load_done=self._wake,
-                                async_paging=config.async_paging, prefill_share=config.prefill_share)
+                                async_paging=config.async_paging, prefill_share=config.prefill_share,
+                                load_timeout_s=config.expert_load_timeout)
         self.default_pool: PoolSpec = self._resolve_default_pool()
         self.resident: ResidentPools = self._core.resident
         self._core.max_pools = self._core.budget.pools_per_tier(
@@ -413,7 +414,7 @@ class Engine:
                     busy = core.has_work and not idle
                     if not (self._inbox or self._cancels or busy or self._stopping or self._woken
                             or self._jobs):
-                        self._cond.wait(timeout=0.5)
+                        self._cond.wait(timeout=self._sleep_s())
                     self._woken = False
                     stopping, deadline = self._stopping, self._deadline
                 for request_id in self._drain_inbox():
@@ -429,6 +430,11 @@ class Engine:
                 idle = not core.step()
         except BaseException as e:  # noqa: BLE001 - report, fail everything, stay dead
             self._die(e)
+
+    def _sleep_s(self) -> float:
+        """How long the idle loop may sleep: until the next load times out, at most 0.5 s."""
+        deadline = self._core.next_load_deadline()
+        return 0.5 if deadline is None else min(0.5, max(0.0, deadline - time.monotonic()))
 
     def _die(self, error: BaseException) -> None:
         reason = f"{type(error).__name__}: {error}"

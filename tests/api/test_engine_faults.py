@@ -242,6 +242,36 @@ def test_a_hung_expert_read_fails_its_requests_and_the_engine_goes_on(server: Li
     assert_nothing_leaked(server)
 
 
+def test_a_request_whose_own_read_hangs_gets_503_and_the_engine_goes_on(server: LiveServer) -> None:
+    """The read hangs in the loader thread working for the request itself (nothing read the
+    expert before): the engine's deadline fails it after --expert-load-timeout."""
+    store: Any = server.store
+    config = server.engine.model_config
+    layer = config.moe_layers[0]
+    stuck: ExpertKey = (layer, config.routable_experts(layer)[0])
+    disk = store._loader.disk
+    real_read = disk.read_into
+    unblock = threading.Event()
+
+    def read_into(key: ExpertKey, *args: Any) -> int:
+        if key == stuck:
+            assert unblock.wait(60)
+        return int(real_read(key, *args))
+
+    disk.read_into = read_into
+    whole = config.pool_bounds()[1]
+    try:
+        response = complete(server, GOOD, expert_pool=whole)
+        assert response.status_code == 503, response.text
+        error = response.json()["error"]
+        assert error["code"] == "expert_load_timeout" and response.headers["retry-after"] == "5"
+        assert probes(server) == (200, 200)
+    finally:
+        unblock.set()
+    assert complete(server, GOOD, expert_pool=whole).status_code == 200
+    assert_nothing_leaked(server)
+
+
 def test_a_dead_engine_makes_the_process_exit_non_zero(checkpoint: Path) -> None:
     port = free_port()
     url = f"http://{LOOPBACK}:{port}"

@@ -237,3 +237,34 @@ def test_a_failed_read_fails_that_request_alone(paged: Paged, make_engine: Engin
     assert paged.store.stats().pinned_slots == 0 and engine.kv_usage == 0.0
     again = run_all(engine, [cold_request(paged.model, "B again")])  # the failed slots were not kept
     assert again.last("B again").finish_reason == "length"
+
+
+def test_a_hung_read_times_out_its_request_and_the_engine_goes_on(paged: Paged,
+                                                                   make_engine: EngineFactory) -> None:
+    """The loader thread's own read never returns (a stalled disk): after expert_load_timeout the
+    request that waits for it fails with ExpertLoadTimeout, its KV slot is free at once, the
+    running stream never stops, and requests whose experts are resident are still served."""
+    registry = CollectorRegistry()
+    engine = make_engine(model=paged.model, registry=registry, max_num_seqs=4, expert_load_timeout=0.3)
+    c = Collector()
+    start_stream(engine, paged, c)
+    paged.gate.close()  # opened only below, once the outcome is checked (and by the fixture)
+    engine.submit(cold_request(paged.model, "B"), c)
+    assert paged.gate.held.wait(60)
+    c.wait(["B"])
+    last = c.last("B")
+    assert last.finish_reason == "error" and not c.tokens("B")
+    error = last.error or ""
+    assert error.startswith("ExpertLoadTimeout") and "while loading the experts of layer" in error
+    assert gauge(registry, "emo_serve_num_requests_loading") == 0
+    assert engine.kv_usage == 1 / engine.num_kv_slots  # A's slot alone
+    n = len(c.tokens("A"))
+    wait_tokens(c, "A", n + 3)  # the hung read does not hold A
+    warm = run_all(engine, [GenerationRequest("A2", prompt_ids(paged.model, 0, 12, seed=1), greedy(4),
+                                              expert_pool=3)])  # A's pool is resident: no read
+    assert warm.last("A2").finish_reason == "length" and len(warm.tokens("A2")) == 4
+    paged.gate.opened.set()  # the abandoned load lands now and releases its own pins
+    wait_until(lambda: engine._core.pinner.in_flight == 0, "the abandoned load to finish")
+    engine.cancel("A")
+    c.wait(["A"])
+    assert paged.store.stats().pinned_slots == 0 and engine.kv_usage == 0.0
