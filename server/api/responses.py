@@ -79,7 +79,7 @@ class CompletionChoice(ResponseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None = None
-    expert_pool: ExpertPoolInfo | None = None  # extension
+    expert_pool: ExpertPoolInfo | None = None  # extension (streamed: with the first token, and last)
 
 
 class CompletionResponse(ResponseModel):
@@ -167,7 +167,7 @@ class ChatChunkChoice(ResponseModel):
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None = None
-    expert_pool: ExpertPoolInfo | None = None  # extension
+    expert_pool: ExpertPoolInfo | None = None  # extension (streamed: with the first token, and last)
 
 
 class ChatCompletionChunk(ResponseModel):

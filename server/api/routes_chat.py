@@ -128,15 +128,15 @@ class _ChatChunks:
     def output(self, index: int, out: RequestOutput, reason: FinishReason | None, last: bool
                ) -> bytes | None:
         logprobs = _logprobs(self.body, out.logprobs) if out.logprobs else None
-        if reason is None and not out.new_text and logprobs is None:
+        if reason is None and not out.new_text and logprobs is None and out.expert_pool is None:
             return None
         choice = ChatChunkChoice(index=index, delta=DeltaMessage(content=out.new_text or None),
                                  logprobs=logprobs, finish_reason=reason)
+        choice.expert_pool = expert_pool_info(out)  # the first token's chunk, and the last
         top_pool = None
         if reason is not None:
             self.usages[index] = out.usage
             self.pools[index] = out
-            choice.expert_pool = expert_pool_info(out)
             if last and not self.body.include_usage:
                 top_pool = expert_pool_info(self.pools.get(0))
         return self._chunk([choice], expert_pool=top_pool)

@@ -133,14 +133,14 @@ class _CompletionChunks:
         logprobs, self.offsets[index] = _logprobs(self.state, self.body, prompt, echo_now,
                                                   out.prompt_logprobs, out.logprobs or [],
                                                   self.offsets[index])
-        if reason is None and not text and not (logprobs and logprobs.tokens):
+        if reason is None and not text and not (logprobs and logprobs.tokens) and out.expert_pool is None:
             return None
         choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=reason)
+        choice.expert_pool = expert_pool_info(out)  # the first token's chunk, and the last
         top_pool = None
         if reason is not None:
             self.usages[index] = out.usage
             self.pools[index] = out
-            choice.expert_pool = expert_pool_info(out)
             if last and not self.body.include_usage:
                 top_pool = expert_pool_info(self.pools.get(0))
         chunk = CompletionChunk(**self.base, choices=[choice], expert_pool=top_pool)

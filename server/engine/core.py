@@ -383,6 +383,8 @@ class EngineCore:
                 self._emit(seq, RequestOutput(
                     request_id=seq.request_id, new_token_ids=[token], new_text=text, finished=False,
                     logprobs=lps, prompt_logprobs=self._prompt_entries(seq, prompt_lp),
+                    # the pool is known once prefilled: a stream shows it from its first token on
+                    expert_pool=self._pool_report(seq) if len(seq.output_ids) == 1 else None,
                     arrival_time=seq.times.arrival, first_token_time=seq.times.first_token))
         except Exception as e:  # noqa: BLE001 - this row alone
             if seq.status is not SeqStatus.FINISHED:
@@ -442,18 +444,19 @@ class EngineCore:
             seq.times.finished = time.monotonic()
         usage = Usage(len(seq.prompt_ids), len(seq.output_ids), seq.experts.hits, seq.experts.misses,
                       seq.experts.bytes_loaded)
-        pool: ExpertPoolReport | None = None
-        if seq.request.return_expert_pool:
-            pool = {"size": seq.pool_size if seq.pool_size is not None else "full",
-                    "experts": seq.pool_lists()}
         self._emit(seq, RequestOutput(
             request_id=seq.request_id, new_token_ids=tokens, new_text=text, finished=True,
             finish_reason=reason, logprobs=lps, prompt_logprobs=self._prompt_entries(seq, prompt_lp),
-            error=error, usage=usage, expert_pool=pool, stop_reason=stop_reason,
+            error=error, usage=usage, expert_pool=self._pool_report(seq), stop_reason=stop_reason,
             arrival_time=seq.times.arrival, first_token_time=seq.times.first_token,
             finished_time=seq.times.finished))
         if failure is not None and is_fatal(failure):
             raise failure
+
+    def _pool_report(self, seq: Sequence) -> ExpertPoolReport | None:
+        if not seq.request.return_expert_pool:
+            return None
+        return {"size": seq.pool_size if seq.pool_size is not None else "full", "experts": seq.pool_lists()}
 
     def _forget_seq(self, seq: Sequence) -> None:
         self.by_id.pop(seq.request_id, None)

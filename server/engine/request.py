@@ -197,8 +197,9 @@ class RequestOutput:
     ``new_text`` may be empty while text is held back (an incomplete UTF-8 character, or text
     that could still become a stop string). ``prompt_logprobs`` is set on the first output only.
     ``stop_reason``: the stop string or stop token id that ended the request, when one did.
-    ``expert_pool`` (finished and asked for): ``{"size": P or "full", "experts": [[ids of
-    layer 0], ...]}`` with an empty list for dense layers and for full routing.
+    ``expert_pool`` (asked for; on the first token's output and on the last): ``{"size": P or
+    "full", "experts": [[ids of layer 0], ...]}`` with an empty list for dense layers and for
+    full routing.
     """
 
     request_id: str

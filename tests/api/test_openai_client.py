@@ -150,8 +150,21 @@ def test_extension_fields_through_extra_body(client: OpenAI, live: LiveServer) -
     chunks = list(client.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": CODE}], max_tokens=3, stream=True,
         extra_body={"return_expert_pool": True}))
-    assert chunks[-1].model_extra["expert_pool"]["size"] == mc.default_pool_size()  # type: ignore[index]
+    last_pool = chunks[-1].model_extra["expert_pool"]  # type: ignore[index]
+    assert last_pool["size"] == mc.default_pool_size()
     assert all("expert_pool" not in c.model_extra for c in chunks[:-1])  # type: ignore[operator]
+    # the choice carries the pool from its first token on (the playground outlines it while streaming)
+    with_pool = [i for i, c in enumerate(chunks) if c.choices and "expert_pool" in c.choices[0].model_extra]  # type: ignore[operator]
+    assert with_pool == [1, len(chunks) - 1]  # the role chunk, the first token's, ..., the last
+    assert all(chunks[i].choices[0].model_extra["expert_pool"] == last_pool for i in with_pool)  # type: ignore[index]
+    text_chunks = list(client.completions.create(model="tiny", prompt=CODE, max_tokens=3, stream=True, n=2,
+                                                 extra_body={"return_expert_pool": True}))
+    pools = [(c.choices[0].index, c.choices[0].model_extra["expert_pool"]) for c in text_chunks  # type: ignore[index]
+             if c.choices and "expert_pool" in c.choices[0].model_extra]  # type: ignore[operator]
+    assert [i for i, _ in sorted(pools, key=lambda ip: ip[0])] == [0, 0, 1, 1]
+    assert all(p == pools[0][1] and p["size"] == mc.default_pool_size() for _, p in pools)  # one prompt
+    first_of_0 = next(i for i, c in enumerate(text_chunks) if c.choices and c.choices[0].index == 0)
+    assert "expert_pool" in text_chunks[first_of_0].choices[0].model_extra  # type: ignore[operator]
 
 
 def test_exception_classes(client: OpenAI, live: LiveServer) -> None:

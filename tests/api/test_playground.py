@@ -26,6 +26,7 @@ import pytest
 from server.demo import DEMO_MODEL_NAME, demo_model_dir
 from server.model.config import load_config
 from tests.api.live_server import LiveServer, live_server, serve_config, wait_for
+from tests.api.slow_steps import slowed_decode_steps
 from tests.optional import missing
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's package; playwright's own browser download is not used
@@ -193,6 +194,27 @@ def test_a_prompt_streams_and_its_pool_is_marked(demo: LiveServer, open_tab: Any
     if os.environ.get(SCREENSHOT_ENV):
         shutil.copyfile(shot, os.environ[SCREENSHOT_ENV])
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert tab.errors == []
+
+
+def test_the_pool_is_marked_while_the_stream_runs(demo: LiveServer, open_tab: Any) -> None:
+    """The pool is outlined as soon as the server knows it (the first token's chunk), not when
+    the stream ends: text keeps arriving after the map shows it."""
+    tab = open_tab(demo.url)
+    page = tab.page
+    page.wait_for_selector("#pool-map .cell", state="attached")
+    page.evaluate("""() => {
+        window.textWhenMarked = null;
+        new MutationObserver(() => {
+            if (window.textWhenMarked === null && document.querySelector('#pool-map [data-pool="1"]'))
+                window.textWhenMarked = document.getElementById('output').textContent.length;
+        }).observe(document.getElementById('pool-map'), {attributes: true, subtree: true});
+    }""")
+    with slowed_decode_steps(0.05):  # each later token is a chunk of its own
+        text, pool = send_and_wait(tab, PROMPT, str(POOL), 24)
+    marked_at = page.evaluate("window.textWhenMarked")
+    assert marked_at is not None and marked_at < len(text), (marked_at, len(text))
+    assert tab.pool_cells() == sorted((layer, e) for layer, ids in enumerate(pool["experts"]) for e in ids)
     assert tab.errors == []
 
 
