@@ -1,7 +1,8 @@
 """Runs the model for the engine: owns the KV cache, turns sequences into model inputs and
 accounts expert-cache traffic per request.
 
-Expert accounting: ``expert_store.stats()`` is read before and after each model call. A
+Expert accounting: the store's ``thread_traffic()`` (this thread's tally alone: loader and
+prefetch threads work at the same time) is read before and after each model call. A
 prefill's delta belongs to its one request: a pool request's misses are its pool's cold
 experts. In a decode step a row whose pool is pinned cannot miss (every expert it may route to
 has been held since its prefill), so the step's misses and bytes loaded belong to the
