@@ -94,7 +94,8 @@ def live_server(tmp_path_factory: pytest.TempPathFactory, tiny_emo_checkpoint: P
     url = f"http://{LOOPBACK}:{port}"
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
     cmd = [sys.executable, "-m", "server", "serve", "--host", LOOPBACK, "--port", str(port),
-           "--model", str(tiny_emo_checkpoint), "--max-model-len", "256", "--drain-timeout", "2"]
+           "--model", str(tiny_emo_checkpoint), "--max-model-len", "256", "--drain-timeout", "2",
+           "--pools-dir", str(tmp_path_factory.mktemp("pools"))]
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=clean_env())
     try:
@@ -102,6 +103,13 @@ def live_server(tmp_path_factory: pytest.TempPathFactory, tiny_emo_checkpoint: P
         name = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
         reply = httpx.post(url + "/v1/completions", timeout=60,
                            json={"model": name, "prompt": "hello world", "max_tokens": 4})
+        assert reply.status_code == 200, reply.text
+        # and one on a named pool: its labelled metrics (pool="...") get a series
+        pool = httpx.post(url + "/v1/pools", timeout=60,
+                          json={"name": "greetings", "examples": ["hello world"]})
+        assert pool.status_code == 200, pool.text
+        reply = httpx.post(url + "/v1/completions", timeout=60,
+                           json={"model": f"{name}:greetings", "prompt": "hello there", "max_tokens": 4})
         assert reply.status_code == 200, reply.text
         metrics = Exposition.parse(httpx.get(url + "/metrics", timeout=10).text)
         paths = frozenset(httpx.get(url + "/openapi.json", timeout=10).json()["paths"])

@@ -76,8 +76,14 @@ def test_dashboard_shows_what_the_issue_asks_for() -> None:
         "emo_serve_num_requests_running", "emo_serve_num_requests_waiting",
         "emo_serve_kv_cache_usage_perc",
         "emo_serve_device_memory_allocated_bytes", "emo_serve_device_memory_reserved_bytes",
+        "emo_serve_num_requests_loading",  # requests parked while their experts page in
+        "emo_serve_pool_load_seconds_bucket", "emo_serve_pool_requests_total",  # pools
     }  # fmt: skip
     assert want - used_metrics() == set()
+    pool_load = [e for w, e in expressions().items() if "emo_serve_pool_load_seconds_bucket" in e]
+    assert {e.split(",")[0] for e in pool_load} == {"histogram_quantile(0.5", "histogram_quantile(0.99"}
+    assert all("by (le, source)" in e for e in pool_load), "pool load time per source tier"
+    assert any("by (pool)" in e for e in expressions().values() if "emo_serve_pool_requests_total" in e)
     ratio = next(e for w, e in expressions().items() if w.startswith("Expert hit ratio"))
     assert "by (tier)" in ratio, "hit ratio per tier: device and host"
 
