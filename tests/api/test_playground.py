@@ -73,8 +73,8 @@ def demo_config(**overrides: object) -> Any:
 
 
 @pytest.fixture(scope="module")
-def demo() -> Iterator[LiveServer]:
-    with live_server(demo_config()) as server:
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    with live_server(demo_config(pools_dir=tmp_path_factory.mktemp("pools"))) as server:
         yield server
 
 
@@ -250,6 +250,37 @@ def test_phone_width(demo: LiveServer, open_tab: Any, tmp_path: Path) -> None:
     assert cell is not None and cell["width"] >= 4  # 32 experts still visible as cells
     page.screenshot(path=str(tmp_path / "playground-phone.png"), full_page=True)
     assert tab.errors == []
+
+
+def test_a_named_pool_model_disables_the_pool_size(demo: LiveServer, open_tab: Any) -> None:
+    """A named pool ("<served>:<name>") fixes its pool: #pool-size is disabled while one is chosen
+    and what it holds is not sent."""
+    made = httpx.post(demo.url + "/v1/pools", timeout=60, json={"name": "licences", "examples": [PROMPT]})
+    assert made.status_code == 200, made.text
+    named = f"{DEMO_MODEL_NAME}:licences"
+    try:
+        tab = open_tab(demo.url)
+        page = tab.page
+        page.wait_for_selector(f'#model option[value="{named}"]', state="attached")
+        page.fill("#pool-size", "not a size")  # would be refused if it were read
+        assert page.is_enabled("#pool-size")
+        page.select_option("#model", named)
+        assert page.is_disabled("#pool-size")
+        page.fill("#prompt", PROMPT)
+        page.fill("#max-tokens", "8")
+        with page.expect_response(lambda r: r.url.endswith("/v1/completions")) as response:
+            page.click("#send")
+        page.wait_for_function("document.getElementById('status').textContent.startsWith('Done')",
+                               timeout=60_000)
+        assert response.value.status == 200
+        sent = json.loads(response.value.request.post_data or "{}")
+        assert sent["model"] == named and "expert_pool" not in sent
+        assert len(tab.pool_cells()) == made.json()["size"] * 4
+        page.select_option("#model", DEMO_MODEL_NAME)
+        assert page.is_enabled("#pool-size")
+        assert tab.errors == []
+    finally:
+        assert httpx.delete(demo.url + "/v1/pools/licences", timeout=30).status_code == 200
 
 
 def test_api_key_is_asked_once_and_sent(open_tab: Any) -> None:

@@ -70,8 +70,20 @@ async function loadModels() {
   const response = await api("v1/models");
   if (!response.ok) { setStatus(await errorMessage(response), true); return; }
   const chosen = ui.model.value;
-  ui.model.replaceChildren(...(await response.json()).data.map((card) => new Option(card.id, card.id)));
+  ui.model.replaceChildren(...(await response.json()).data.map((card) => {
+    const option = new Option(card.id, card.id);
+    if (card.parent) option.dataset.parent = card.parent; // a named pool ("<served>:<name>")
+    return option;
+  }));
   if ([...ui.model.options].some((o) => o.value === chosen)) ui.model.value = chosen;
+  syncPoolSize();
+}
+
+// A named pool fixes its experts, and so their number: a pool size would be refused.
+function syncPoolSize() {
+  const named = Boolean(ui.model.selectedOptions[0]?.dataset.parent);
+  ui.poolSize.disabled = named;
+  ui.poolSize.title = named ? "A named pool fixes its own size" : "";
 }
 
 async function loadVersion() {
@@ -236,7 +248,7 @@ async function readEvents(response) {
 
 async function send() {
   if (streaming) { streaming.abort(); return; }
-  const size = parsePoolSize();
+  const size = ui.poolSize.disabled ? { ok: true } : parsePoolSize();
   if (!size.ok) { setStatus("Pool size must be a positive whole number, 'full', or empty.", true); return; }
   const body = {
     model: ui.model.value || undefined,
@@ -280,6 +292,7 @@ async function send() {
 }
 
 ui.send.addEventListener("click", send);
+ui.model.addEventListener("change", syncPoolSize);
 ui.keyForm.addEventListener("submit", (event) => {
   event.preventDefault();
   apiKey = ui.keyInput.value.trim();
