@@ -50,9 +50,10 @@ from server.engine.request import (
     TokenLogprob,
     Usage,
 )
+from server.engine.request_state import RequestState, RequestTimes
 from server.engine.sampler import RawLogprob, SamplingState, prompt_logprobs, sample
 from server.engine.scheduler import Decode, Scheduler, SchedulerConfig
-from server.engine.sequence import SeqStatus, SeqTimes, Sequence
+from server.engine.sequence import SeqStatus, Sequence
 
 if TYPE_CHECKING:
     from server.model.loader import LoadedModel
@@ -89,18 +90,20 @@ class EngineCore:
         self.max_pools = 0  # pools of the default size the device tier holds (the gateway's max_lora)
         self.predictor = PoolPredictor()
         self.token_text = TokenTexts(loaded.tokenizer.tokenizer)
-        self.by_id: dict[str, Sequence] = {}
+        self.by_id: dict[str, RequestState] = {}  # every request not finished, and its Sequence
 
     # ---- intake ----------------------------------------------------------------------------
     def add(self, req: GenerationRequest, on_output: Callable[[RequestOutput], None],
             pool_size: int | None) -> None:
         sp = req.sampling
-        seq = Sequence(
-            request=req, on_output=on_output, pool_size=pool_size,
+        seq = Sequence(req.request_id, req.prompt_token_ids, sp.max_tokens, pool_size,
+                       prompt_logits=sp.prompt_logprobs is not None)
+        state = RequestState(
+            request=req, seq=seq, on_output=on_output,
             sampling=SamplingState(sp, req.prompt_token_ids, self.config.vocab_size, self.runner.device),
             detok=Detokenizer(self.tokenizer.tokenizer, req.prompt_token_ids,
                               skip_special_tokens=sp.skip_special_tokens, stop=sp.stop),
-            times=SeqTimes(arrival=req.arrival_time))
+            times=RequestTimes(arrival=req.arrival_time))
         named = req.named_pool
         if named is not None:
             self.metrics.pool_requests.labels(pool=named.name).inc()
@@ -110,17 +113,17 @@ class EngineCore:
             seq.predicted_keys = named.keys  # not a guess: admission counts exactly these
         elif pool_size is not None:
             seq.predicted_keys = self.predictor.predict(req.prompt_token_ids)
-        self.by_id[req.request_id] = seq
+        self.by_id[req.request_id] = state
         self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> None:
-        seq = self.by_id.get(request_id)
-        if seq is not None and seq.status is not SeqStatus.FINISHED:
-            self._finish(seq, "abort", "", [])
+        state = self.by_id.get(request_id)
+        if state is not None and state.seq.status is not SeqStatus.FINISHED:
+            self._finish(state.seq, "abort", "", [])
 
     def abort_all(self, reason: FinishReason, error: str | None = None) -> None:
-        for seq in list(self.by_id.values()):
-            self._finish(seq, reason, "", [], error=error)
+        for state in list(self.by_id.values()):
+            self._finish(state.seq, reason, "", [], error=error)
 
     @property
     def has_work(self) -> bool:
@@ -136,8 +139,8 @@ class EngineCore:
     def step(self) -> bool:
         """Run one step; False when there was nothing to run (all admitted requests are loading,
         or nothing is admitted)."""
-        for seq in [s for s in self.by_id.values() if s.cancelled]:
-            self._finish(seq, "abort", "", [])
+        for state in [s for s in self.by_id.values() if s.cancelled]:
+            self._finish(state.seq, "abort", "", [])
         self._poll_loads()
         try:
             step = self.scheduler.schedule()
@@ -185,10 +188,11 @@ class EngineCore:
         first token when it completes."""
         try:
             if seq.prefill is None:
-                if seq.times.scheduled is None:  # not again after a back-off
+                times = self.by_id[seq.request_id].times
+                if times.scheduled is None:  # not again after a back-off
                     now = time.monotonic()
-                    seq.times.scheduled = now
-                    self.metrics.queue_time.observe(max(0.0, now - seq.times.arrival))
+                    times.scheduled = now
+                    self.metrics.queue_time.observe(max(0.0, now - times.arrival))
                 self.runner.prefill_start(seq)
             logits = self._advance(seq)
         except SlotsExhausted as e:
@@ -204,12 +208,13 @@ class EngineCore:
         if seq.pools is not None and seq.given_pools is None:
             self.predictor.observe(seq.prompt_ids, seq.pool_lists())
         try:
-            n_prompt = seq.request.sampling.prompt_logprobs
+            state = self.by_id[seq.request_id]
+            n_prompt = state.request.sampling.prompt_logprobs
             prompt_lp = None if n_prompt is None else prompt_logprobs(logits, seq.prompt_ids, n_prompt)
             if seq.max_tokens == 0:
                 self._finish(seq, "length", "", [], prompt_lp=prompt_lp)
                 return
-            result = sample(logits[-1:], [seq.sampling])
+            result = sample(logits[-1:], [state.sampling])
         except Exception as e:  # noqa: BLE001
             self._step_failed([seq], e)
             return
@@ -260,9 +265,11 @@ class EngineCore:
 
     def _pool_progress(self, seq: Sequence, keys: list[ExpertKey]) -> None:
         """``keys`` (one layer's pool) are pinned: the pool is resident once the last layer's are."""
-        if keys and keys[0][0] == self.last_moe_layer and seq.times.scheduled is not None:
+        state = self.by_id.get(seq.request_id)
+        scheduled = None if state is None else state.times.scheduled
+        if keys and keys[0][0] == self.last_moe_layer and scheduled is not None:
             self.metrics.pool_load.labels(source=seq.pool_source).observe(
-                max(0.0, time.monotonic() - seq.times.scheduled))
+                max(0.0, time.monotonic() - scheduled))
 
     def next_load_deadline(self) -> float | None:
         """The time.monotonic() at which the oldest load in flight times out; None when none can."""
@@ -343,7 +350,7 @@ class EngineCore:
                     raise
                 seqs = pool_rows  # full-routing rows wait for slots; pool rows hold theirs
                 logits = self.runner.decode(seqs)
-            result = sample(logits, [s.sampling for s in seqs])
+            result = sample(logits, [self.by_id[s.request_id].sampling for s in seqs])
         except Exception as e:  # noqa: BLE001
             self._step_failed(seqs, e)
             return
@@ -358,34 +365,36 @@ class EngineCore:
             if token < 0:
                 raise FloatingPointError("the model produced NaN logits")
             now = time.monotonic()
-            seq.append(token)
+            state = self.by_id[seq.request_id]
+            times, detok = state.times, state.detok
+            state.append(token)
             self.metrics.generation_tokens.inc()
-            if seq.times.first_token is None:
-                seq.times.first_token = now
-                self.metrics.ttft.observe(max(0.0, now - seq.times.arrival))
-            elif seq.times.last_token is not None:
-                self.metrics.itl.observe(now - seq.times.last_token)
-            seq.times.last_token = now
-            sp = seq.request.sampling
+            if times.first_token is None:
+                times.first_token = now
+                self.metrics.ttft.observe(max(0.0, now - times.arrival))
+            elif times.last_token is not None:
+                self.metrics.itl.observe(now - times.last_token)
+            times.last_token = now
+            sp = state.request.sampling
             lps = None if raw is None else [self._token_logprob(raw)]
             if token in sp.stop_token_ids or (not sp.ignore_eos and token in self.eos_ids):
                 stop_reason = token if token in sp.stop_token_ids else None
-                self._finish(seq, "stop", seq.detok.finish(), [token], lps, prompt_lp, stop_reason)
+                self._finish(seq, "stop", detok.finish(), [token], lps, prompt_lp, stop_reason)
                 return
-            text = seq.detok.push(token)
-            if seq.detok.stopped_on is not None:
-                self._finish(seq, "stop", text, [token], lps, prompt_lp, seq.detok.stopped_on)
+            text = detok.push(token)
+            if detok.stopped_on is not None:
+                self._finish(seq, "stop", text, [token], lps, prompt_lp, detok.stopped_on)
             elif len(seq.output_ids) >= seq.max_tokens:
-                text += seq.detok.finish()
-                reason: FinishReason = "stop" if seq.detok.stopped_on is not None else "length"
-                self._finish(seq, reason, text, [token], lps, prompt_lp, seq.detok.stopped_on)
+                text += detok.finish()
+                reason: FinishReason = "stop" if detok.stopped_on is not None else "length"
+                self._finish(seq, reason, text, [token], lps, prompt_lp, detok.stopped_on)
             else:
-                self._emit(seq, RequestOutput(
+                self._emit(state, RequestOutput(
                     request_id=seq.request_id, new_token_ids=[token], new_text=text, finished=False,
-                    logprobs=lps, prompt_logprobs=self._prompt_entries(seq, prompt_lp),
+                    logprobs=lps, prompt_logprobs=self._prompt_entries(state, prompt_lp),
                     # the pool is known once prefilled: a stream shows it from its first token on
-                    expert_pool=self._pool_report(seq) if len(seq.output_ids) == 1 else None,
-                    arrival_time=seq.times.arrival, first_token_time=seq.times.first_token))
+                    expert_pool=self._pool_report(state) if len(seq.output_ids) == 1 else None,
+                    arrival_time=times.arrival, first_token_time=times.first_token))
         except Exception as e:  # noqa: BLE001 - this row alone
             if seq.status is not SeqStatus.FINISHED:
                 self._step_failed([seq], e)
@@ -395,11 +404,11 @@ class EngineCore:
         return TokenLogprob(token_id, self.token_text(token_id), lp,
                             [(t, self.token_text(t), v) for t, v in top])
 
-    def _prompt_entries(self, seq: Sequence,
+    def _prompt_entries(self, state: RequestState,
                         raw: list[RawLogprob | None] | None) -> list[TokenLogprob | None] | None:
-        if raw is None or seq.prompt_logprobs_sent:
+        if raw is None or state.prompt_logprobs_sent:
             return None
-        seq.prompt_logprobs_sent = True
+        state.prompt_logprobs_sent = True
         return [None if r is None else self._token_logprob(r) for r in raw]
 
     def _step_failed(self, seqs: list[Sequence], error: BaseException) -> None:
@@ -425,11 +434,13 @@ class EngineCore:
         whatever happens, so a consumer never waits forever; a fatal error is re-raised after."""
         if seq.status is SeqStatus.FINISHED:
             return
+        state = self.by_id[seq.request_id]  # every sequence not finished has its request state
+        times = state.times
 
         def count_finished(seq: Sequence) -> None:
-            seq.times.finished = now = time.monotonic()
+            times.finished = now = time.monotonic()
             self.metrics.request_success.labels(finish_reason=reason).inc()
-            self.metrics.e2e.observe(max(0.0, now - seq.times.arrival))
+            self.metrics.e2e.observe(max(0.0, now - times.arrival))
             self.update_gauges()  # before the output: whoever sees it finished sees the gauges too
 
         failure: BaseException | None = None
@@ -440,22 +451,24 @@ class EngineCore:
                 log.exception("finishing request %s: %s raised", seq.request_id, release.__name__)
                 failure = failure or e
         seq.status = SeqStatus.FINISHED
-        if seq.times.finished is None:
-            seq.times.finished = time.monotonic()
+        if times.finished is None:
+            times.finished = time.monotonic()
         usage = Usage(len(seq.prompt_ids), len(seq.output_ids), seq.experts.hits, seq.experts.misses,
                       seq.experts.bytes_loaded)
-        self._emit(seq, RequestOutput(
+        self._emit(state, RequestOutput(
             request_id=seq.request_id, new_token_ids=tokens, new_text=text, finished=True,
-            finish_reason=reason, logprobs=lps, prompt_logprobs=self._prompt_entries(seq, prompt_lp),
-            error=error, usage=usage, expert_pool=self._pool_report(seq), stop_reason=stop_reason,
-            arrival_time=seq.times.arrival, first_token_time=seq.times.first_token,
-            finished_time=seq.times.finished))
+            finish_reason=reason, logprobs=lps, prompt_logprobs=self._prompt_entries(state, prompt_lp),
+            error=error, usage=usage, expert_pool=self._pool_report(state), stop_reason=stop_reason,
+            arrival_time=times.arrival, first_token_time=times.first_token,
+            finished_time=times.finished))
         if failure is not None and is_fatal(failure):
             raise failure
 
-    def _pool_report(self, seq: Sequence) -> ExpertPoolReport | None:
-        if not seq.request.return_expert_pool:
+    @staticmethod
+    def _pool_report(state: RequestState) -> ExpertPoolReport | None:
+        if not state.request.return_expert_pool:
             return None
+        seq = state.seq
         return {"size": seq.pool_size if seq.pool_size is not None else "full", "experts": seq.pool_lists()}
 
     def _forget_seq(self, seq: Sequence) -> None:
@@ -482,12 +495,12 @@ class EngineCore:
         finally:
             self.on_finished(req.request_id)
 
-    def _emit(self, seq: Sequence, out: RequestOutput) -> None:
+    def _emit(self, state: RequestState, out: RequestOutput) -> None:
         try:
-            seq.on_output(out)
+            state.on_output(out)
         except Exception:  # noqa: BLE001 - a broken consumer cancels its own request only
-            log.exception("on_output of request %s raised; cancelling it", seq.request_id)
-            seq.cancelled = True
+            log.exception("on_output of request %s raised; cancelling it", state.request_id)
+            state.cancelled = True
 
     def update_gauges(self) -> None:
         self.metrics.num_running.set(self.scheduler.num_running)
@@ -495,7 +508,11 @@ class EngineCore:
         self.metrics.num_loading.set(self.scheduler.num_loading)
         self.metrics.kv_usage.set(self.kv_slots.usage)
         admitted = self.scheduler.running + self.scheduler.prefilling
-        running = [s.request.named_pool.model for s in admitted if s.request.named_pool]
-        waiting = [s.request.named_pool.model for s in self.scheduler.waiting if s.request.named_pool]
+        running = self._named_pool_models(admitted)
+        waiting = self._named_pool_models(self.scheduler.waiting)
         self.metrics.update_pool_info(running + list(self.resident.models), waiting, self.max_pools)
         self.metrics.update_memory()
+
+    def _named_pool_models(self, seqs: list[Sequence]) -> list[str]:
+        states = (self.by_id.get(s.request_id) for s in seqs)
+        return [st.request.named_pool.model for st in states if st is not None and st.request.named_pool]

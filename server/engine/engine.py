@@ -447,9 +447,9 @@ class Engine:
             self._core.abort_all("error", error=message)
         except BaseException:  # noqa: BLE001 - a fatal error in a release: the rest still go
             log.exception("failing the requests of a dead engine raised")
-            for seq in list(self._core.by_id.values()):
-                self._core.by_id.pop(seq.request_id, None)
-                self._core.reject(seq.request, seq.on_output, RuntimeError(message))
+            for state in list(self._core.by_id.values()):
+                self._core.by_id.pop(state.request_id, None)
+                self._core.reject(state.request, state.on_output, RuntimeError(message))
         self._answer_inbox(message)
         self._fail_jobs(EngineShutdown(message))
         try:

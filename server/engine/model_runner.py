@@ -77,7 +77,7 @@ class ModelRunner:
         before = _traffic(self.store)
         out = self.model.prefill(ids, self.kv, seq.slot, pool_size=seq.pool_size,
                                  pin_pool=seq.is_pool, given_pools=seq.given_pools,
-                                 all_logits=seq.request.sampling.prompt_logprobs is not None)
+                                 all_logits=seq.prompt_logits)
         seq.pinned = list(out.pinned) if seq.is_pool else []  # first: release() must find them
         after = _traffic(self.store)
         seq.experts.hits += after[0] - before[0]
@@ -98,7 +98,7 @@ class ModelRunner:
             raise ValueError(f"request {seq.request_id}: prefill without a KV slot")
         ids = torch.tensor(seq.prompt_ids, dtype=torch.long, device=self.device)
         seq.prefill = self.model.prefill_start(ids, self.kv, seq.slot, pool_size=seq.pool_size,
-                                               all_logits=seq.request.sampling.prompt_logprobs is not None,
+                                               all_logits=seq.prompt_logits,
                                                given_pools=seq.given_pools)
 
     def prefill_attend(self, seq: Sequence) -> list[ExpertKey]:

@@ -1,20 +1,23 @@
-"""Per-request state inside the engine: tokens, KV slot, expert pool and pins, sampling,
-detokenization, timing and expert-cache accounting. Lives on the engine thread only."""
+"""What the scheduler and the model runner see of a request: its tokens, its limits, its status,
+its KV slot and its expert pool (pins, slot table, prefill in progress) and the expert-cache
+traffic it caused. Sampling, detokenization, timing and output delivery belong to the request
+(``server.engine.request_state``), which the Sequence does not know: a Sequence is built from
+token ids alone, so the scheduler can be exercised without a model or a tokenizer. Lives on the
+engine thread only."""
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
-
-from expert_cache.async_loads import ExpertLoad
 from expert_cache.base import ExpertKey
-from server.engine.detokenizer import Detokenizer
-from server.engine.request import GenerationRequest, RequestOutput
-from server.engine.sampler import SamplingState
-from server.model.model import PrefillState
+
+if TYPE_CHECKING:  # types only: the scheduler, and its tests, need no model code
+    import torch
+
+    from expert_cache.async_loads import ExpertLoad
+    from server.model.model import PrefillState
 
 
 class SeqStatus(enum.Enum):
@@ -26,17 +29,6 @@ class SeqStatus(enum.Enum):
 
 
 @dataclass
-class SeqTimes:
-    """time.monotonic() stamps."""
-
-    arrival: float
-    scheduled: float | None = None  # admitted: prefill started (end of queueing)
-    first_token: float | None = None
-    last_token: float | None = None
-    finished: float | None = None
-
-
-@dataclass
 class ExpertUsage:
     hits: int = 0
     misses: int = 0
@@ -45,11 +37,11 @@ class ExpertUsage:
 
 @dataclass(eq=False)
 class Sequence:
-    request: GenerationRequest
-    on_output: Callable[[RequestOutput], None]
+    request_id: str
+    prompt_ids: list[int]
+    max_tokens: int
     pool_size: int | None  # experts per MoE layer; None = full per-token routing
-    sampling: SamplingState
-    detok: Detokenizer
+    prompt_logits: bool = False  # prefill keeps every prompt position's logits (prompt logprobs)
     status: SeqStatus = SeqStatus.WAITING
     output_ids: list[int] = field(default_factory=list)
     slot: int | None = None  # KV slot while running
@@ -65,38 +57,19 @@ class Sequence:
     pool_source: str = "device"  # the slowest tier any expert of its pool came from
     predicted_keys: list[ExpertKey] | None = None  # guess of the pool, for scheduling only
     waited_steps: int = 0  # scheduler steps spent waiting (starvation bound)
-    times: SeqTimes = field(default_factory=lambda: SeqTimes(0.0))
     experts: ExpertUsage = field(default_factory=ExpertUsage)
-    cancelled: bool = False
-    prompt_logprobs_sent: bool = False
-
-    @property
-    def request_id(self) -> str:
-        return self.request.request_id
-
-    @property
-    def prompt_ids(self) -> list[int]:
-        return self.request.prompt_token_ids
 
     @property
     def num_tokens(self) -> int:
-        return len(self.request.prompt_token_ids) + len(self.output_ids)
+        return len(self.prompt_ids) + len(self.output_ids)
 
     @property
     def last_token(self) -> int:
-        return self.output_ids[-1] if self.output_ids else self.request.prompt_token_ids[-1]
+        return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
 
     @property
     def is_pool(self) -> bool:
         return self.pool_size is not None
-
-    @property
-    def max_tokens(self) -> int:
-        return self.request.sampling.max_tokens
-
-    def append(self, token_id: int) -> None:
-        self.output_ids.append(token_id)
-        self.sampling.record(token_id)
 
     def pool_lists(self) -> list[list[int]]:
         """The pool per layer as id lists ([] for dense layers and full routing)."""

@@ -1,6 +1,10 @@
 """Scheduler: admission by KV slots and by device expert slots, preference for resident pools,
-bounded wait, prefill/decode interleaving. Runs against the real tiered expert cache over the
-tiny synthetic checkpoint (pins are taken on it as the model runner would)."""
+bounded wait, prefill/decode interleaving, back-off and the loading states.
+
+Sequences are built from token ids alone: no model, no tokenizer, no sampler. The expert store
+is a real tiered cache over a tiny per-expert checkpoint written to tmp (4 MoE layers of 31
+routable experts, as the tiny EMO preset has), and pins are taken on it as the model runner
+would take them."""
 
 from __future__ import annotations
 
@@ -12,48 +16,50 @@ import torch
 
 from expert_cache import TieredExpertCache
 from expert_cache.base import ExpertKey
-from server.engine.detokenizer import Detokenizer
+from expert_cache.catalog import per_expert_catalog
+from expert_cache.safetensors_index import SafetensorsIndex
 from server.engine.kv_slots import KVSlotAllocator
 from server.engine.pool_budget import PoolBudget, PoolPredictor
-from server.engine.request import GenerationRequest, SamplingParams
-from server.engine.sampler import SamplingState
 from server.engine.scheduler import Decode, Prefill, Scheduler, SchedulerConfig, Step
 from server.engine.sequence import SeqStatus, Sequence
-from server.model.loader import LoadedModel, load_model
+from tests.expert_cache.helpers import write_checkpoint
 
-CAPACITY = 24  # device expert slots shared by the 4 MoE layers of the tiny preset
-RESERVE = 3  # top_k 4 minus 1 shared expert
+LAYERS = 4
+EXPERTS = 31  # routable experts per layer: 124 in all
+CAPACITY = 24  # device expert slots shared by the 4 MoE layers
+RESERVE = 3  # what full routing keeps free (the tiny preset's top_k 4 minus 1 shared expert)
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_emo_checkpoint: Path) -> LoadedModel:
-    return load_model(tiny_emo_checkpoint, device="cpu", dtype="fp32")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("experts")
+    write_checkpoint(directory, layers=LAYERS, experts=EXPERTS, hidden=8, inter=4, dtype=torch.float32,
+                     extra=False)
+    return directory
 
 
 @pytest.fixture()
-def store(loaded: LoadedModel) -> Iterator[TieredExpertCache]:
-    cache = TieredExpertCache(loaded.catalog, device=torch.device("cpu"),
-                              device_budget_bytes=CAPACITY * loaded.catalog.expert_bytes(0),
+def store(checkpoint: Path) -> Iterator[TieredExpertCache]:
+    catalog = per_expert_catalog(SafetensorsIndex.from_directory(checkpoint))
+    cache = TieredExpertCache(catalog, device=torch.device("cpu"),
+                              device_budget_bytes=CAPACITY * catalog.expert_bytes(0),
                               host_budget_bytes=0, background_prefetch=False)
     yield cache
     cache.close()
 
 
-def make(loaded: LoadedModel, store: TieredExpertCache, kv_slots: int = 8, max_seqs: int = 8,
-         max_wait: int = 100) -> Scheduler:
+def budget_of(store: TieredExpertCache) -> PoolBudget:
+    return PoolBudget(store, range(LAYERS), RESERVE, LAYERS * EXPERTS)
+
+
+def make(store: TieredExpertCache, kv_slots: int = 8, max_seqs: int = 8, max_wait: int = 100) -> Scheduler:
     assert store.capacity(0) == CAPACITY
-    budget = PoolBudget(store, loaded.config.moe_layers, RESERVE, len(loaded.catalog.chunks))
     return Scheduler(SchedulerConfig(max_num_seqs=max_seqs, max_wait_steps=max_wait),
-                     KVSlotAllocator(kv_slots), budget)
+                     KVSlotAllocator(kv_slots), budget_of(store))
 
 
-def seq(loaded: LoadedModel, rid: str, pool: int | None,
-        predicted: list[ExpertKey] | None = None) -> Sequence:
-    req = GenerationRequest(rid, [5, 6, 7], SamplingParams(max_tokens=4, temperature=0.0),
-                            expert_pool=pool if pool is not None else "full")
-    s = Sequence(request=req, on_output=lambda out: None, pool_size=pool,
-                 sampling=SamplingState(req.sampling, req.prompt_token_ids, 2048, torch.device("cpu")),
-                 detok=Detokenizer(loaded.tokenizer.tokenizer, [], skip_special_tokens=True, stop=()))
+def seq(rid: str, pool: int | None, predicted: list[ExpertKey] | None = None) -> Sequence:
+    s = Sequence(rid, [5, 6, 7], max_tokens=4, pool_size=pool)
     s.predicted_keys = predicted
     return s
 
@@ -68,26 +74,26 @@ def step(sch: Scheduler) -> Step | None:
 
 
 def pool_keys(first: int, size: int) -> list[ExpertKey]:
-    return [(layer, e) for layer in range(4) for e in range(first, first + size)]
+    return [(layer, e) for layer in range(LAYERS) for e in range(first, first + size)]
 
 
 def pin(store: TieredExpertCache, s: Sequence, first: int) -> None:
     """What prefill with pin_pool=True does: pin the sequence's pool for its lifetime."""
     assert s.pool_size is not None
     s.pinned = pool_keys(first, s.pool_size)
-    for layer in range(4):
+    for layer in range(LAYERS):
         store.acquire([k for k in s.pinned if k[0] == layer])
 
 
 def unpin(store: TieredExpertCache, s: Sequence) -> None:
-    for layer in range(4):
+    for layer in range(LAYERS):
         store.release([k for k in s.pinned if k[0] == layer])
     s.pinned = []
 
 
-def test_admission_is_bounded_by_kv_slots(loaded: LoadedModel, store: TieredExpertCache) -> None:
-    sch = make(loaded, store, kv_slots=2)
-    a, b, c = (seq(loaded, r, None) for r in "abc")
+def test_admission_is_bounded_by_kv_slots(store: TieredExpertCache) -> None:
+    sch = make(store, kv_slots=2)
+    a, b, c = (seq(r, None) for r in "abc")
     for s in (a, b, c):
         sch.add(s)
     assert step(sch) == Prefill(a)
@@ -101,18 +107,18 @@ def test_admission_is_bounded_by_kv_slots(loaded: LoadedModel, store: TieredExpe
     assert sch.kv.num_used == 2
 
 
-def test_admission_is_bounded_by_max_num_seqs(loaded: LoadedModel, store: TieredExpertCache) -> None:
-    sch = make(loaded, store, kv_slots=8, max_seqs=1)
-    a, b = seq(loaded, "a", None), seq(loaded, "b", None)
+def test_admission_is_bounded_by_max_num_seqs(store: TieredExpertCache) -> None:
+    sch = make(store, kv_slots=8, max_seqs=1)
+    a, b = seq("a", None), seq("b", None)
     sch.add(a)
     sch.add(b)
     assert step(sch) == Prefill(a)
     assert [step(sch) for _ in range(2)] == [Decode([a]), Decode([a])]
 
 
-def test_pool_admission_needs_free_expert_slots(loaded: LoadedModel, store: TieredExpertCache) -> None:
-    sch = make(loaded, store)
-    a, b, full = seq(loaded, "a", 4), seq(loaded, "b", 3), seq(loaded, "full", None)
+def test_pool_admission_needs_free_expert_slots(store: TieredExpertCache) -> None:
+    sch = make(store)
+    a, b, full = seq("a", 4), seq("b", 3), seq("full", None)
     sch.add(a)
     assert step(sch) == Prefill(a)
     pin(store, a, 0)  # 16 of 24 slots pinned
@@ -129,17 +135,16 @@ def test_pool_admission_needs_free_expert_slots(loaded: LoadedModel, store: Tier
     assert step(sch) == Prefill(b)
 
 
-def test_predicted_experts_already_pinned_cost_no_free_slot(loaded: LoadedModel,
-                                                          store: TieredExpertCache) -> None:
+def test_predicted_experts_already_pinned_cost_no_free_slot(store: TieredExpertCache) -> None:
     """Pins are shared per key: a request predicted to reuse a running request's pool is
     admitted although the free slots alone could not hold a disjoint pool."""
-    sch = make(loaded, store)
-    a = seq(loaded, "a", 4)
+    sch = make(store)
+    a = seq("a", 4)
     sch.add(a)
     assert step(sch) == Prefill(a)
     pin(store, a, 0)  # 16 of 24 pinned, 8 free: a disjoint pool of 4 x 4 layers cannot fit
-    same = seq(loaded, "same", 4, predicted=pool_keys(0, 4))
-    other = seq(loaded, "other", 4, predicted=pool_keys(8, 4))
+    same = seq("same", 4, predicted=pool_keys(0, 4))
+    other = seq("other", 4, predicted=pool_keys(8, 4))
     sch.add(other)
     assert step(sch) == Decode([a])
     assert step(sch) == Decode([a])  # other waits: its pool is disjoint
@@ -147,40 +152,40 @@ def test_predicted_experts_already_pinned_cost_no_free_slot(loaded: LoadedModel,
     assert step(sch) == Prefill(same)
 
 
-def test_full_routing_keeps_a_reserve(loaded: LoadedModel, store: TieredExpertCache) -> None:
-    sch = make(loaded, store)
-    big = seq(loaded, "big", 6)  # 24 slots: all of them
+def test_full_routing_keeps_a_reserve(store: TieredExpertCache) -> None:
+    sch = make(store)
+    big = seq("big", 6)  # 24 slots: all of them
     sch.add(big)
     assert step(sch) == Prefill(big)
     pin(store, big, 0)
-    full = seq(loaded, "full", None)
+    full = seq("full", None)
     sch.add(full)
     assert [step(sch) for _ in range(3)] == [Decode([big])] * 3
     unpin(store, big)
     sch.finish(big)
     assert step(sch) == Prefill(full)
-    sch.add(seq(loaded, "big2", 6))  # 24 would leave no reserve for the running full request
+    sch.add(seq("big2", 6))  # 24 would leave no reserve for the running full request
     assert [step(sch) for _ in range(3)] == [Decode([full])] * 3
 
 
-def test_pool_that_can_never_fit_is_named_with_numbers(loaded: LoadedModel, store: TieredExpertCache) -> None:
-    budget = PoolBudget(store, loaded.config.moe_layers, RESERVE, len(loaded.catalog.chunks))
+def test_pool_that_can_never_fit_is_named_with_numbers(store: TieredExpertCache) -> None:
+    budget = budget_of(store)
     assert budget.misfit(6) is None
     why = budget.misfit(7)
     assert why is not None and "28" in why and "24" in why and "pool <= 6" in why
 
 
-def test_resident_predicted_pool_goes_first(loaded: LoadedModel, store: TieredExpertCache) -> None:
+def test_resident_predicted_pool_goes_first(store: TieredExpertCache) -> None:
     warm = pool_keys(0, 3)
-    for layer in range(4):  # load then unpin: resident, evictable
+    for layer in range(LAYERS):  # load then unpin: resident, evictable
         keys = [k for k in warm if k[0] == layer]
         store.acquire(keys)
         store.release(keys)
     assert all(store.is_resident(k) for k in warm)
-    sch = make(loaded, store)
-    cold = seq(loaded, "cold", 3, predicted=pool_keys(10, 3))
-    hot = seq(loaded, "hot", 3, predicted=warm)
-    unknown = seq(loaded, "unknown", 3)
+    sch = make(store)
+    cold = seq("cold", 3, predicted=pool_keys(10, 3))
+    hot = seq("hot", 3, predicted=warm)
+    unknown = seq("unknown", 3)
     for s in (cold, unknown, hot):
         sch.add(s)
     assert step(sch) == Prefill(hot)
@@ -191,15 +196,15 @@ def test_resident_predicted_pool_goes_first(loaded: LoadedModel, store: TieredEx
     assert step(sch) == Prefill(cold)
 
 
-def test_waiting_is_bounded(loaded: LoadedModel, store: TieredExpertCache) -> None:
-    sch = make(loaded, store, max_wait=2)
-    x = seq(loaded, "x", 3)
+def test_waiting_is_bounded(store: TieredExpertCache) -> None:
+    sch = make(store, max_wait=2)
+    x = seq("x", 3)
     sch.add(x)
     assert step(sch) == Prefill(x)
     pin(store, x, 0)  # 12 pinned
-    big = seq(loaded, "big", 6)  # needs all 24
+    big = seq("big", 6)  # needs all 24
     sch.add(big)
-    s1 = seq(loaded, "s1", 3)
+    s1 = seq("s1", 3)
     sch.add(s1)
     step(sch)  # decode
     assert step(sch) == Prefill(s1)  # big does not fit yet; s1 does and is not held back
@@ -207,7 +212,7 @@ def test_waiting_is_bounded(loaded: LoadedModel, store: TieredExpertCache) -> No
     step(sch)
     unpin(store, s1)
     sch.finish(s1)
-    s2 = seq(loaded, "s2", 3)
+    s2 = seq("s2", 3)
     sch.add(s2)
     steps = [step(sch) for _ in range(8)]
     assert all(isinstance(st, Decode) for st in steps)  # big is overdue: s2 may not overtake it
@@ -217,9 +222,9 @@ def test_waiting_is_bounded(loaded: LoadedModel, store: TieredExpertCache) -> No
     assert step(sch) == Prefill(big)
 
 
-def test_requeue_pauses_pool_admission_until_a_finish(loaded: LoadedModel, store: TieredExpertCache) -> None:
-    sch = make(loaded, store)
-    a, b = seq(loaded, "a", 3), seq(loaded, "b", 3)
+def test_requeue_pauses_pool_admission_until_a_finish(store: TieredExpertCache) -> None:
+    sch = make(store)
+    a, b = seq("a", 3), seq("b", 3)
     sch.add(a)
     sch.add(b)
     assert step(sch) == Prefill(a)
@@ -241,10 +246,9 @@ def test_predictor_uses_the_most_similar_recent_prompt() -> None:
     assert p.predict([50, 51, 52]) is None
 
 
-def test_loading_prefills_are_skipped_and_decoding_goes_on(loaded: LoadedModel,
-                                                           store: TieredExpertCache) -> None:
-    sch = make(loaded, store)
-    a, b = seq(loaded, "a", 3), seq(loaded, "b", 3)
+def test_loading_prefills_are_skipped_and_decoding_goes_on(store: TieredExpertCache) -> None:
+    sch = make(store)
+    a, b = seq("a", 3), seq("b", 3)
     sch.add(a)
     assert step(sch) == Prefill(a)
     sch.add(b)
@@ -259,10 +263,9 @@ def test_loading_prefills_are_skipped_and_decoding_goes_on(loaded: LoadedModel,
     assert sch.schedule() == Prefill(b)
 
 
-def test_admission_counts_the_layers_prefilling_requests_will_pin(loaded: LoadedModel,
-                                                                 store: TieredExpertCache) -> None:
-    sch = make(loaded, store)
-    a, b = seq(loaded, "a", 4), seq(loaded, "b", 3)
+def test_admission_counts_the_layers_prefilling_requests_will_pin(store: TieredExpertCache) -> None:
+    sch = make(store)
+    a, b = seq("a", 4), seq("b", 3)
     sch.add(a)
     assert sch.schedule() == Prefill(a)  # prefilling: nothing pinned yet, 16 slots to come
     a.status = SeqStatus.LOADING
@@ -280,11 +283,11 @@ def test_admission_counts_the_layers_prefilling_requests_will_pin(loaded: Loaded
     assert sch.schedule() == Prefill(b)
 
 
-def test_full_rows_decode_apart_when_the_tier_can_miss(loaded: LoadedModel, store: TieredExpertCache) -> None:
-    budget = PoolBudget(store, loaded.config.moe_layers, RESERVE, len(loaded.catalog.chunks))
+def test_full_rows_decode_apart_when_the_tier_can_miss(store: TieredExpertCache) -> None:
+    budget = budget_of(store)
     assert budget.can_miss
     sch = Scheduler(SchedulerConfig(separate_full_rows=True), KVSlotAllocator(8), budget)
-    p, f = seq(loaded, "p", 3), seq(loaded, "f", None)
+    p, f = seq("p", 3), seq("f", None)
     for s in (p, f):
         sch.add(s)
     step(sch)
@@ -293,3 +296,84 @@ def test_full_rows_decode_apart_when_the_tier_can_miss(loaded: LoadedModel, stor
     assert sch.running == [p, f]
     steps = [sch.schedule() for _ in range(4)]
     assert steps in ([Decode([f]), Decode([p])] * 2, [Decode([p]), Decode([f])] * 2)
+
+
+def test_a_sequence_is_token_ids_and_limits() -> None:
+    s = Sequence("r", [11, 12, 13], max_tokens=2, pool_size=None)
+    assert (s.status, s.slot, s.is_pool) == (SeqStatus.WAITING, None, False)
+    assert (s.num_tokens, s.last_token) == (3, 13)
+    s.output_ids.append(40)  # what the core appends after sampling
+    assert (s.num_tokens, s.last_token) == (4, 40)  # decode feeds token 40 at position 3
+    assert s.pool_lists() == []
+    s.pools = [torch.tensor([3, 1]), None]
+    assert Sequence("p", [1], 1, pool_size=2).is_pool and s.pool_lists() == [[3, 1], []]
+
+
+def test_a_backed_off_prefill_frees_its_kv_slot_and_goes_first(store: TieredExpertCache) -> None:
+    """A requeued prefill (its pool did not fit) gives its KV slot back and is next in line;
+    the pause of pool admission does not hold back full-routing requests."""
+    sch = make(store, kv_slots=2)
+    a, b, c = seq("a", None), seq("b", 3), seq("c", None)
+    for s in (a, b, c):
+        sch.add(s)
+    assert step(sch) == Prefill(a)
+    step(sch)
+    assert sch.schedule() == Prefill(b)  # admitted; its prefill starts
+    assert sch.kv.num_free == 0 and b.slot is not None
+    assert sch.schedule() == Decode([a])
+    assert sch.schedule() == Prefill(b) and sch.waiting == [c]  # b's next piece; c: no KV slot
+    sch.requeue(b, block_pools=True)
+    assert (b.slot, b.status, sch.kv.num_free, sch.waiting) == (None, SeqStatus.WAITING, 1, [b, c])
+    assert sch.schedule() == Decode([a])  # decode between two prefill pieces
+    assert sch.schedule() == Prefill(c)  # b is a pool request: paused; c is not
+    assert sch.kv.num_free == 0 and sch.waiting == [b]
+    sch.prefilled(c)
+    sch.finish(a)  # a running request ends: its pins may have been what b lacked
+    assert sch.schedule() == Decode([c])
+    assert sch.schedule() == Prefill(b)
+
+
+def test_a_loading_prefill_holds_its_kv_slot_until_it_finishes(store: TieredExpertCache) -> None:
+    sch = make(store, kv_slots=1)
+    a, b = seq("a", 3), seq("b", 3)
+    sch.add(a)
+    sch.add(b)
+    assert sch.schedule() == Prefill(a)
+    a.status = SeqStatus.LOADING
+    assert [sch.schedule() for _ in range(3)] == [None] * 3  # b: no KV slot; a: loading
+    assert sch.waiting == [b] and sch.num_loading == 1 and b.waited_steps == 4
+    sch.finish(a)  # e.g. aborted while loading
+    assert (a.status, a.slot, sch.num_loading) == (SeqStatus.FINISHED, None, 0)
+    assert sch.schedule() == Prefill(b)
+    assert b.slot == 0
+
+
+def test_finishing_a_waiting_sequence_takes_no_kv_slot(store: TieredExpertCache) -> None:
+    sch = make(store, kv_slots=1)
+    a, b = seq("a", None), seq("b", None)
+    sch.add(a)
+    sch.add(b)
+    assert step(sch) == Prefill(a)
+    sch.finish(b)  # aborted before admission
+    assert (b.status, b.slot, sch.waiting, sch.kv.num_used, a.slot) == (SeqStatus.FINISHED, None, [], 1, 0)
+    sch.finish(a)
+    assert sch.kv.num_free == 1 and sch.schedule() is None
+
+
+def test_pools_pinned_for_the_servers_life_count_for_pools_that_share_them(store: TieredExpertCache) -> None:
+    """--pin-pools: slots held by a resident pool are not free for anyone, but a request whose
+    pool is (predicted to be) that pool needs no slot for it."""
+    sch = make(store)
+    resident = pool_keys(0, 4)  # 16 of 24 slots
+    for layer in range(LAYERS):
+        store.acquire([k for k in resident if k[0] == layer])
+    sch.budget.resident = frozenset(resident)
+    other = seq("other", 4, predicted=pool_keys(8, 4))  # 16 more: only 8 free
+    named = seq("named", 4, predicted=resident)
+    sch.add(other)
+    assert [sch.schedule() for _ in range(2)] == [None, None]
+    sch.add(named)
+    assert sch.schedule() == Prefill(named)
+    why = sch.budget.misfit(4, pool_keys(8, 4))
+    assert why is not None and "16 of them held by pinned pools" in why and "pool <= 2" in why
+    assert sch.budget.misfit(4, resident) is None
