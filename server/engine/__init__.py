@@ -6,5 +6,7 @@
     core.py          one step: schedule, run the model, sample, detokenize, emit; failure isolation
     scheduler.py     continuous batching and admission;  pool_budget.py  expert-slot arithmetic
     model_runner.py  KV cache, model inputs, per-request expert-cache accounting
-    sampler.py, detokenizer.py, sequence.py, kv_slots.py, metrics.py
+    sequence.py      what the scheduler sees of a request: token ids, limits, status, KV slot, pool
+    request_state.py what the core keeps beside it: sampling state, detokenizer, output callback
+    sampler.py, detokenizer.py, kv_slots.py, metrics.py
 """
