@@ -37,6 +37,6 @@ def emo_serve_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def tiny_emo_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The synthetic `tiny` EMO checkpoint (planted domains, seed 0), fp32 weights."""
-    from server.model.synth import write_checkpoint
+    from server.tools.synth import write_checkpoint
 
     return write_checkpoint(tmp_path_factory.mktemp("tiny-emo"), "tiny", seed=0, dtype="fp32")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from hypothesis.configuration import storage_directory
 
-from server.model.synth import demo_checkpoint_dir
+from server.tools.synth import demo_checkpoint_dir
 
 
 def test_the_demo_checkpoint_is_written_under_the_session_tmp(

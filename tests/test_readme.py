@@ -26,13 +26,13 @@ def test_every_documented_command_exists() -> None:
     assert set(SUBCOMMANDS) <= documented
 
 
-CHECKPOINT = ROOT / "server/demo/checkpoint"
+CHECKPOINT = ROOT / "server/demo_model/checkpoint"
 
 
 def test_the_evaluation_table_is_the_shipped_evaluation() -> None:
     shipped = (CHECKPOINT / "evaluation.md").read_text().strip()
     assert shipped in DEMO_REPORT, \
-        "docs/demo.md's evaluation table differs from server/demo/checkpoint/evaluation.md"
+        "docs/demo.md's evaluation table differs from server/demo_model/checkpoint/evaluation.md"
 
 
 def test_the_training_table_is_the_shipped_training_records() -> None:

@@ -68,7 +68,7 @@ def _names(text: str) -> tuple[str, ...]:
 class ServeConfig:
     """Validated once at start; ``api_key`` is kept out of ``repr`` so it is never logged."""
 
-    model: Path | None = None  # None: the built-in demo model (server.demo.default_model_dir)
+    model: Path | None = None  # None: the built-in demo model (server/cli/default_model.py)
     host: str = "127.0.0.1"
     port: int = 8000
     device: str = "auto"

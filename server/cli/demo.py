@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from server.demo import demo_model_dir
+from server.demo_model import demo_model_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,8 +78,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _build_corpus(args: argparse.Namespace) -> int:
-    from server.demo.corpus import Roots, build_corpus
-    from server.demo.corpus.document import Limits
+    from server.tools.demo.corpus import Roots, build_corpus
+    from server.tools.demo.corpus.document import Limits
 
     stats = build_corpus(args.out, Roots(root=args.root), Limits(max_domain_chars=args.max_domain_chars))
     print(stats.as_markdown())
@@ -87,8 +87,8 @@ def _build_corpus(args: argparse.Namespace) -> int:
 
 
 def _train_tokenizer(args: argparse.Namespace) -> int:
-    from server.demo.corpus import load_documents
-    from server.demo.tokenizer_train import save_tokenizer, train_tokenizer
+    from server.tools.demo.corpus import load_documents
+    from server.tools.demo.tokenizer_train import save_tokenizer, train_tokenizer
 
     documents = load_documents(args.corpus, "train")
     tokenizer = train_tokenizer((d.text for d in documents), args.vocab_size)
@@ -100,8 +100,8 @@ def _train_tokenizer(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     import torch
 
-    from server.demo.train.loop import TrainConfig
-    from server.demo.train.run import run_training
+    from server.tools.demo.train.loop import TrainConfig
+    from server.tools.demo.train.run import run_training
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -131,8 +131,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from server.demo.evaluate import EvalConfig
-    from server.demo.report import run_evaluation
+    from server.tools.demo.evaluate import EvalConfig
+    from server.tools.demo.report import run_evaluation
 
     emo = args.emo or demo_model_dir()
     if emo is None:
@@ -145,7 +145,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from server.demo.samples import domain_samples, samples_markdown
+    from server.tools.demo.samples import domain_samples, samples_markdown
 
     model = args.model or demo_model_dir()
     if model is None:
@@ -158,8 +158,8 @@ def _sample(args: argparse.Namespace) -> int:
 def _named_pools(args: argparse.Namespace) -> int:
     import torch
 
-    from server.demo.evaluate import EvalConfig
-    from server.demo.named_pool_eval import run_named_pool_evaluation
+    from server.tools.demo.evaluate import EvalConfig
+    from server.tools.demo.named_pool_eval import run_named_pool_evaluation
 
     model = args.model or demo_model_dir()
     if model is None:

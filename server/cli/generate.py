@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         elif args.host_cache is not None:
             raise ValueError("--host-cache needs --expert-cache (without it every expert is resident)")
         if args.model is None:
-            from server.demo import default_model_dir
+            from server.cli.default_model import default_model_dir
 
             model_dir = default_model_dir()
         else:

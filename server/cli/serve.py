@@ -42,7 +42,8 @@ def build_app(config: ServeConfig) -> FastAPI:
     """Plan, load, build the engine and the app. Raises PlanError / ValueError / CheckpointError."""
     from expert_cache import TieredExpertCache
     from server.api.app import create_app
-    from server.demo import DEMO_MODEL_NAME, default_model_dir
+    from server.cli.default_model import default_model_dir
+    from server.demo_model import DEMO_MODEL_NAME
     from server.engine.config import EngineConfig, resolve_device, resolve_dtype
     from server.engine.engine import Engine
     from server.model.loader import load_model

@@ -12,9 +12,9 @@ from typing import Any
 
 from expert_cache.memory import parse_bytes
 from server.model.dtypes import COMPUTE_DTYPES
-from server.model.synth.spec import DEFAULT_DOMAINS, PRESETS, make_spec
-from server.model.synth.vocab import DOMAINS
-from server.model.synth.writer import write_spec
+from server.tools.synth.spec import DEFAULT_DOMAINS, PRESETS, make_spec
+from server.tools.synth.vocab import DOMAINS
+from server.tools.synth.writer import write_spec
 
 
 def parse_size(text: str) -> int:

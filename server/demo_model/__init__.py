@@ -1,4 +1,8 @@
-"""The built-in demo EMO: a small model trained by emo-serve's own recipe, shipped as package data."""
+"""The built-in demo EMO: a small model trained by emo-serve's own recipe, shipped as package data.
+
+It lives on the serving side (serve and generate run it when no --model is given); the code that
+built it (corpus, tokenizer, trainer, evaluation) is server/tools/demo.
+"""
 
 from __future__ import annotations
 
@@ -17,13 +21,3 @@ def demo_model_dir() -> Path | None:
 
 DEMO_MODEL_NAME = "emo-demo"
 
-
-def default_model_dir() -> Path:
-    """What `serve` and `generate` run without --model: the trained demo when it is shipped,
-    else the synthetic `tiny` preset (written once to the cache directory)."""
-    shipped = demo_model_dir()
-    if shipped is not None:
-        return shipped
-    from server.model.synth import demo_checkpoint_dir
-
-    return demo_checkpoint_dir()

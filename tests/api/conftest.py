@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from server.model.synth import demo_checkpoint_dir
+from server.tools.synth import demo_checkpoint_dir
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 
 from server.model.config import load_config
-from server.model.synth import planted_experts, sample_prompt
+from server.tools.synth import planted_experts, sample_prompt
 from tests.api.live_server import LiveServer, live_server, serve_config
 
 DOMAINS = ("code", "medicine", "law", "sports")

@@ -17,7 +17,7 @@ from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 
-from server.model.synth import sample_prompt
+from server.tools.synth import sample_prompt
 from tests.api.live_server import LOOPBACK, LiveServer, live_server, serve_config, wait_for
 from tests.api.slow_steps import slowed_decode_steps
 

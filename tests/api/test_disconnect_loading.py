@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from expert_cache.base import ExpertKey
-from server.model.synth import sample_prompt
+from server.tools.synth import sample_prompt
 from tests.api.live_server import LiveServer, live_server, serve_config, wait_for
 
 PROMPT = sample_prompt("law", 10, random.Random(3))

@@ -14,7 +14,7 @@ import pytest
 
 from server.api.routes_playground import STATIC_DIR
 from server.model.config import load_config
-from server.model.synth import sample_prompt
+from server.tools.synth import sample_prompt
 from tests.api.live_server import LiveServer, live_server, serve_config, wait_for
 
 KEY = "sk-expert-cache-test"

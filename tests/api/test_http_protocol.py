@@ -12,7 +12,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from server.model.synth import sample_prompt
+from server.tools.synth import sample_prompt
 from tests.api.live_server import LiveServer, live_server, serve_config, sse_events
 
 PROMPT = sample_prompt("medicine", 10, random.Random(5))

@@ -19,7 +19,7 @@ from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.model.config import load_config
-from server.model.synth import sample_prompt
+from server.tools.synth import sample_prompt
 from tests.api.live_server import LiveServer, live_server, serve_config, wait_for
 
 KEY = "pool-key"

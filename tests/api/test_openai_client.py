@@ -13,7 +13,7 @@ import pytest
 from openai import OpenAI
 
 from expert_cache import TieredExpertCache
-from server.model.synth import sample_prompt
+from server.tools.synth import sample_prompt
 from tests.api.live_server import LiveServer, live_server, serve_config, wait_for
 
 KEY = "test-key-123"

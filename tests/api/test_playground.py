@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
-from server.demo import DEMO_MODEL_NAME, demo_model_dir
+from server.demo_model import DEMO_MODEL_NAME, demo_model_dir
 from server.model.config import load_config
 from tests.api.live_server import LiveServer, live_server, serve_config, wait_for
 from tests.api.slow_steps import slowed_decode_steps

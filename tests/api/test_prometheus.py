@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from server.model.config import load_config
-from server.model.synth import sample_prompt
+from server.tools.synth import sample_prompt
 from tests.api.live_server import LOOPBACK, LiveServer, free_port, live_server, serve_config
 from tests.optional import require_binary
 

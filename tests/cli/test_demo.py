@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from server.cli import main
-from tests.demo.conftest import FIXTURE
+from tests.tools.demo.conftest import FIXTURE
 
 SOURCES = {
     "python": "python/json_demo/ringbuf.py",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from server.model.synth import sample_prompt
+from server.tools.synth import sample_prompt
 from tests.api.live_server import LOOPBACK, free_port
 
 ROOT = Path(__file__).resolve().parents[2]

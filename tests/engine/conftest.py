@@ -16,7 +16,7 @@ from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.request import GenerationRequest, RequestOutput, SamplingParams
 from server.model.loader import LoadedModel, load_model
-from server.model.synth import sample_prompt
+from server.tools.synth import sample_prompt
 
 
 @pytest.fixture(scope="module")

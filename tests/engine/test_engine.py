@@ -15,7 +15,7 @@ from expert_cache.base import ExpertCatalog, ExpertStore
 from server.engine.engine import Engine
 from server.engine.request import GenerationRequest, SamplingParams, TokenLogprob
 from server.model.loader import LoadedModel, load_model
-from server.model.synth import planted_experts
+from server.tools.synth import planted_experts
 from tests.engine.conftest import Collector, EngineFactory, greedy, prompt_ids, run_all
 
 POOLS: list[int | str | None] = [3, 8, "full", 16, None, 31]

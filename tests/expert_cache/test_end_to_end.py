@@ -13,7 +13,7 @@ from expert_cache import TieredExpertCache
 from expert_cache.base import ExpertCatalog
 from server.model.kv_cache import KVCache
 from server.model.loader import LoadedModel, load_model
-from server.model.synth import sample_prompt, write_checkpoint
+from server.tools.synth import sample_prompt, write_checkpoint
 
 
 @pytest.fixture(scope="module")

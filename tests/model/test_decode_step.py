@@ -13,12 +13,12 @@ import torch
 
 from expert_cache import TieredExpertCache
 from expert_cache.base import ExpertCatalog
-from server.bench.decode_step import OpCounter, PoolRow, count_cpu_ops
-from server.demo import demo_model_dir
+from server.demo_model import demo_model_dir
 from server.model.decode_graphs import GraphedDecode, batch_buckets
 from server.model.decode_step import attend_bucket
 from server.model.kv_cache import KVCache
 from server.model.loader import LoadedModel, load_model
+from server.tools.bench.decode_step import OpCounter, PoolRow, count_cpu_ops
 from tests.model.checkpoints import write_emo
 
 SYNC_OPS = ("_local_scalar_dense", "item", "nonzero", "unique", "tolist")

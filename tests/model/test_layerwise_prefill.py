@@ -10,7 +10,7 @@ import torch
 
 from server.model.kv_cache import KVCache
 from server.model.loader import load_model
-from server.model.synth import write_checkpoint
+from server.tools.synth import write_checkpoint
 from tests.model.checkpoints import write_emo
 from tests.model.test_emo_semantics import VARIANTS
 

@@ -1,8 +1,8 @@
-"""End-to-end serving benchmarks (``emo-serve bench decode``): decode speed, time to first token,
-paging and memory of expert pools and per-token offloading against full residency, through the
-Engine, with JSON / Markdown / PNG reports."""
+"""Every `emo-serve bench` suite (registered in suites.py): decode speed, time to first token,
+paging and memory through the Engine (run.py, ``bench decode``), expert paging bandwidth against
+the machine's own copy and read bandwidth (paging.py, ``bench cache``), cold arrivals, prefetch
+recall and the first-run GPU check.
 
-from server.bench.config import DecodeBenchConfig, Scenario
-from server.bench.run import run_decode_bench
-
-__all__ = ["DecodeBenchConfig", "Scenario", "run_decode_bench"]
+Nothing is imported here: `emo-serve --help` builds every parser, and the suites' heavy modules
+load only when a suite runs.
+"""

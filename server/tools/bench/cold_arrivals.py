@@ -28,13 +28,13 @@ from prometheus_client import CollectorRegistry
 from expert_cache.base import ExpertCatalog, ExpertKey, ExpertStore
 from expert_cache.cache import TieredExpertCache
 from expert_cache.host_tier import host_bytes_for
-from server.bench.workload import Recorder, Track, domain_prompt, greedy
+from server.tools.bench.workload import Recorder, Track, domain_prompt, greedy
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.request import GenerationRequest
 from server.model.loader import load_model
-from server.model.synth import DOMAINS
-from server.model.synth.spec import SYNTH_KEY
+from server.tools.synth import DOMAINS
+from server.tools.synth.spec import SYNTH_KEY
 
 WAIT_S = 1800.0
 
@@ -253,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from expert_cache.errors import CheckpointError
-    from server.model.synth import write_checkpoint
+    from server.tools.synth import write_checkpoint
 
     def log(message: str) -> None:
         print(f"  {message}", file=sys.stderr, flush=True)

@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from server.bench.config import CPU_PRESET, GPU_PRESET
+from server.tools.bench.config import CPU_PRESET, GPU_PRESET
 from server.model.dtypes import COMPUTE_DTYPES
 
 
@@ -74,8 +74,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from expert_cache.errors import CheckpointError
-    from server.bench.config import DecodeBenchConfig
-    from server.bench.run import run_decode_bench
+    from server.tools.bench.config import DecodeBenchConfig
+    from server.tools.bench.run import run_decode_bench
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.startswith("cuda")

@@ -27,10 +27,10 @@ from typing import Any
 
 import torch
 
-from server.bench.decode_step import PoolRow, check_fullgraph, count_cuda_kernels, count_host_syncs
 from server.model.config import load_config
 from server.model.kv_cache import KVCache
 from server.model.loader import LoadedModel, load_model
+from server.tools.bench.decode_step import PoolRow, check_fullgraph, count_cuda_kernels, count_host_syncs
 
 PRESET, LAYERS, SEED = "emo-1b14b", 4, 0
 PROMPT_TOKENS, PARITY_TOKENS, B1_TOKENS, B16_TOKENS, BATCH = 64, 8, 128, 32, 16
@@ -74,7 +74,7 @@ def _checkpoint(out_dir: Path, model_dir: Path | None, log: Callable[[str], None
     if (target / "config.json").is_file():
         log(f"reusing {target}")
         return target
-    from server.model.synth import write_checkpoint
+    from server.tools.synth import write_checkpoint
 
     log(f"writing a {LAYERS}-layer {PRESET} checkpoint to {target} (bf16, several GB)")
     start = time.perf_counter()
@@ -289,7 +289,7 @@ def run_gpu_check(out_dir: Path, model_dir: Path | None = None, device: str = "c
     _section(result, f"pool {pool} on a 25% device tier", log, tiered)
 
     def paging() -> None:
-        from expert_cache.bench import CacheBenchConfig, run_cache_bench
+        from server.tools.bench.paging import CacheBenchConfig, run_cache_bench
 
         cfg = CacheBenchConfig(directory, experts=64, device=device, device_slots=32)
         bench = run_cache_bench(cfg, log=log)

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from server.bench.workload import domain_prompt
 from server.model.config import load_config
 from server.model.kv_cache import KVCache
 from server.model.loader import load_model
 from server.model.tokenizer import load_tokenizer
+from server.tools.bench.workload import domain_prompt
 
 
 @dataclass(frozen=True)

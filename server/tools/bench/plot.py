@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from server.png import Canvas, text_width
+from server.tools.png import Canvas, text_width
 
 Series = list[tuple[str, list[tuple[float, float]]]]  # (label, [(x, y), ...])
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]

@@ -19,7 +19,7 @@ from expert_cache.base import CacheStats, ExpertCatalog, ExpertKey, ExpertStore,
 from expert_cache.resident import ResidentExpertStore
 from server.model.kv_cache import KVCache
 from server.model.loader import load_model
-from server.model.synth import DOMAINS, sample_prompt
+from server.tools.synth import DOMAINS, sample_prompt
 
 
 class RecordingStore(ExpertStore):

@@ -19,12 +19,12 @@ from typing import Any
 
 import torch
 
-from server.bench.config import RESIDENT, DecodeBenchConfig
-from server.bench.scenario import ScenarioResult
-from server.bench.workload import domain_prompt
 from server.model.config import load_config
 from server.model.dtypes import COMPUTE_DTYPES
 from server.model.tokenizer import load_tokenizer
+from server.tools.bench.config import RESIDENT, DecodeBenchConfig
+from server.tools.bench.scenario import ScenarioResult
+from server.tools.bench.workload import domain_prompt
 
 
 def _model_class(modeling: Path, package_dir: Path) -> Any:

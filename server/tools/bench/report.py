@@ -8,12 +8,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server.bench.decode_step import MARKDOWN_HEADER as DECODE_STEP_HEADER
-from server.bench.decode_step import DecodeStepReport
-from server.bench.parity import ParityResult
-from server.bench.plot import line_chart
-from server.bench.scenario import ScenarioResult
-from server.bench.targets import Target
+from server.tools.bench.decode_step import MARKDOWN_HEADER as DECODE_STEP_HEADER
+from server.tools.bench.decode_step import DecodeStepReport
+from server.tools.bench.parity import ParityResult
+from server.tools.bench.plot import line_chart
+from server.tools.bench.scenario import ScenarioResult
+from server.tools.bench.targets import Target
 
 JSON_NAME, MARKDOWN_NAME = "decode_bench.json", "decode_bench.md"
 PLOTS = {

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import torch
 
-from server.bench.config import DecodeBenchConfig, scenarios
-from server.bench.decode_step import measure_decode_step
-from server.bench.parity import bf16_parity
-from server.bench.reference import hf_reference
-from server.bench.report import BenchResult, write_all
-from server.bench.scenario import run_scenario
-from server.bench.targets import check_targets
 from server.model.config import ModelConfig, load_config
+from server.tools.bench.config import DecodeBenchConfig, scenarios
+from server.tools.bench.decode_step import measure_decode_step
+from server.tools.bench.parity import bf16_parity
+from server.tools.bench.reference import hf_reference
+from server.tools.bench.report import BenchResult, write_all
+from server.tools.bench.scenario import run_scenario
+from server.tools.bench.targets import check_targets
 
 PARITY_MAX_TOKENS = 128
 
@@ -28,7 +28,7 @@ def checkpoint_dir(cfg: DecodeBenchConfig, log: Callable[[str], None]) -> Path:
     """The checkpoint to benchmark: the given one, or a synthetic one kept under ``out_dir``."""
     if cfg.model_dir is not None:
         return Path(cfg.model_dir)
-    from server.model.synth import write_checkpoint
+    from server.tools.synth import write_checkpoint
 
     layers = "" if cfg.synth_layers is None else f"-{cfg.synth_layers}layers"
     target = Path(cfg.out_dir) / f"synth-{cfg.preset}{layers}-seed{cfg.seed}"

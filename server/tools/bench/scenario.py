@@ -21,8 +21,8 @@ from expert_cache.base import ExpertCatalog, ExpertKey, ExpertStore
 from expert_cache.cache import TieredExpertCache
 from expert_cache.host_tier import host_bytes_for
 from expert_cache.resident import ResidentExpertStore
-from server.bench.config import DecodeBenchConfig, Scenario
-from server.bench.workload import Recorder, Track, decode_rate, domain_prompt, greedy, ttft
+from server.tools.bench.config import DecodeBenchConfig, Scenario
+from server.tools.bench.workload import Recorder, Track, decode_rate, domain_prompt, greedy, ttft
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.request import GenerationRequest, RequestError

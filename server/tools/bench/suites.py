@@ -1,4 +1,4 @@
-"""`emo-serve bench SUITE`: benchmarks, one suite per subcommand.
+"""The `emo-serve bench` suites, one per subcommand (server/cli/bench.py wires them in).
 
     emo-serve bench cache --model DIR [--experts 512] [--device cuda|cpu]
     emo-serve bench arrivals [--model DIR] [--streams 4] [--arrivals 3] [--disk-gbps G]
@@ -57,7 +57,7 @@ def _add_cache(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_cache(args: argparse.Namespace) -> int:
-    from expert_cache.bench import CacheBenchConfig, run_cache_bench
+    from server.tools.bench.paging import CacheBenchConfig, run_cache_bench
     from expert_cache.errors import CheckpointError
 
     try:
@@ -82,13 +82,13 @@ def _run_cache(args: argparse.Namespace) -> int:
 
 
 def _add_decode(parser: argparse.ArgumentParser) -> None:
-    from server.bench.cli import add_arguments as add_decode_arguments
+    from server.tools.bench.decode_cli import add_arguments as add_decode_arguments
 
     add_decode_arguments(parser)
 
 
 def _run_decode(args: argparse.Namespace) -> int:
-    from server.bench.cli import run as run_decode
+    from server.tools.bench.decode_cli import run as run_decode
 
     return run_decode(args)
 
@@ -102,7 +102,7 @@ def _add_prefetch(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_prefetch(args: argparse.Namespace) -> int:
-    from server.bench.prefetch_recall import measure_prefetch_recall
+    from server.tools.bench.prefetch_recall import measure_prefetch_recall
 
     result = measure_prefetch_recall(
         args.model, pool_size=args.pool_size, prompts_per_domain=args.prompts_per_domain, device=args.device
@@ -120,7 +120,7 @@ def _add_gpu_check(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_gpu_check(args: argparse.Namespace) -> int:
-    from server.bench.gpu_check import GpuUnavailable, run_gpu_check
+    from server.tools.bench.gpu_check import GpuUnavailable, run_gpu_check
 
     try:
         result, path = run_gpu_check(args.out, args.model, args.device,
@@ -134,13 +134,13 @@ def _run_gpu_check(args: argparse.Namespace) -> int:
 
 
 def _add_arrivals(parser: argparse.ArgumentParser) -> None:
-    from server.bench.cold_arrivals import add_arguments as add_arrivals_arguments
+    from server.tools.bench.cold_arrivals import add_arguments as add_arrivals_arguments
 
     add_arrivals_arguments(parser)
 
 
 def _run_arrivals(args: argparse.Namespace) -> int:
-    from server.bench.cold_arrivals import run as run_arrivals
+    from server.tools.bench.cold_arrivals import run as run_arrivals
 
     return run_arrivals(args)
 

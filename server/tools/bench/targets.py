@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from server.bench.scenario import ScenarioResult
+from server.tools.bench.scenario import ScenarioResult
 
 PINNED_GB_S = 53.9  # docs/emo.md: pinned host->device, H100 PCIe Gen5 (override with --pinned-gbps)
 WORKSPACE_MB = 1024.0  # the fixed workspace allowed above trunk + expert tier + KV slots

@@ -9,8 +9,8 @@ import time
 from dataclasses import dataclass, field
 
 from server.engine.request import GenerationRequest, RequestOutput, SamplingParams
-from server.model.synth import DOMAINS, sample_prompt
 from server.model.tokenizer import TokenizerBundle
+from server.tools.synth import DOMAINS, sample_prompt
 
 
 def domain_prompt(tokenizer: TokenizerBundle, domain: int, n_tokens: int, seed: int) -> list[int]:

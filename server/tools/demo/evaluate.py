@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from server.demo.corpus import DOMAINS, Document
-from server.demo.train.model import EmoForTraining
-from server.demo.train.plan import RoutePlan
+from server.tools.demo.corpus import DOMAINS, Document
+from server.tools.demo.train.model import EmoForTraining
+from server.tools.demo.train.plan import RoutePlan
 
 MODES = ("full", "pool", "random")
 

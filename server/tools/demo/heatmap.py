@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from server.png import Canvas, text_width
+from server.tools.png import Canvas, text_width
 
 
 def colour(value: float) -> tuple[int, int, int]:

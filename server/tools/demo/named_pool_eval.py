@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from server.demo.corpus import DOMAINS, load_documents
-from server.demo.evaluate import EvalConfig, HeldOutDoc, prepare
 from server.model.kv_cache import KVCache
 from server.model.loader import LoadedModel, load_model
+from server.tools.demo.corpus import DOMAINS, load_documents
+from server.tools.demo.evaluate import EvalConfig, HeldOutDoc, prepare
 
 Pools = list[torch.Tensor | None]
 COLUMNS = ("full", "own", "same", "other")

@@ -9,8 +9,8 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from server.demo.corpus import DOMAINS, load_documents
-from server.demo.evaluate import (
+from server.tools.demo.corpus import DOMAINS, load_documents
+from server.tools.demo.evaluate import (
     EvalConfig,
     HeldOutDoc,
     ModeResult,
@@ -19,8 +19,8 @@ from server.demo.evaluate import (
     pool_frequency,
     prepare,
 )
-from server.demo.png import heatmap
-from server.demo.train.export import load_checkpoint
+from server.tools.demo.heatmap import heatmap
+from server.tools.demo.train.export import load_checkpoint
 
 COLUMNS = (
     ("emo", "full", "1. EMO full"),

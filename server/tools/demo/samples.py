@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.demo.corpus import DOMAINS, load_documents
-from server.demo.generate import Continuation, greedy, load_for_generation
+from server.tools.demo.corpus import DOMAINS, load_documents
+from server.tools.demo.generate import Continuation, greedy, load_for_generation
 
-# Fixed prompts of three domains: the shipped model's recorded continuations (tests/demo) use them.
+# Fixed prompts of three domains: the shipped model's recorded continuations (tests/tools/demo) use them.
 FIXED_PROMPTS: dict[str, str] = {
     "code": "import os\nimport sys\n\n\ndef main(argv):\n    ",
     "licence": "Permission is hereby granted, free of charge, to any person obtaining a copy\nof this",

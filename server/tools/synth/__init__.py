@@ -4,7 +4,7 @@ A prompt drawn from domain d (``sample_prompt``) routes, at every MoE layer, alm
 router probability to the experts planted for d (``planted_experts``); see weights.py for how.
 """
 
-from server.model.synth.vocab import DOMAINS, sample_prompt
-from server.model.synth.writer import demo_checkpoint_dir, planted_experts, write_checkpoint
+from server.tools.synth.vocab import DOMAINS, sample_prompt
+from server.tools.synth.writer import demo_checkpoint_dir, planted_experts, write_checkpoint
 
 __all__ = ["DOMAINS", "demo_checkpoint_dir", "planted_experts", "sample_prompt", "write_checkpoint"]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.model.dtypes import COMPUTE_DTYPES
-from server.model.synth.vocab import DOMAINS
+from server.tools.synth.vocab import DOMAINS
 
 SYNTH_KEY = "emo_synth"  # config.json entry recording seed, domains and planted experts
 

@@ -19,7 +19,7 @@ import torch
 
 from expert_cache.safetensors_index import SAFETENSORS_CODES
 from server.model.dtypes import COMPUTE_DTYPES
-from server.model.synth.spec import TensorSpec
+from server.tools.synth.spec import TensorSpec
 
 INDEX_FILE = "model.safetensors.index.json"
 

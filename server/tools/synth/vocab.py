@@ -15,7 +15,7 @@ from typing import Any
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-from server.model.synth.words import COMMON_WORDS, DOMAIN_WORDS, PUNCTUATION
+from server.tools.synth.words import COMMON_WORDS, DOMAIN_WORDS, PUNCTUATION
 
 DOMAINS: list[str] = list(DOMAIN_WORDS)
 BOS, EOS, PAD = "<|bos|>", "<|endoftext|>", "<|pad|>"

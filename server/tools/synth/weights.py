@@ -28,8 +28,8 @@ from collections.abc import Iterator
 
 import torch
 
-from server.model.synth.spec import SynthSpec, TensorSpec
-from server.model.synth.vocab import COMMON, FILLER
+from server.tools.synth.spec import SynthSpec, TensorSpec
+from server.tools.synth.vocab import COMMON, FILLER
 
 EMB_DOMAIN, EMB_MEAN, EMB_NOISE = 0.8, 0.3, 0.5
 COMMON_NOISE = math.sqrt(1.0 - EMB_MEAN**2)  # common tokens: same norm, no domain part

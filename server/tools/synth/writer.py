@@ -16,9 +16,9 @@ import torch
 from server.cache_dir import cache_root
 from server.model.dtypes import COMPUTE_DTYPES, torch_name
 from server.model.families.emo import as_written_by_authors
-from server.model.synth.spec import SYNTH_KEY, SynthSpec, make_spec
-from server.model.synth.stream import INDEX_FILE, plan_shards, write_index, write_shards
-from server.model.synth.vocab import (
+from server.tools.synth.spec import SYNTH_KEY, SynthSpec, make_spec
+from server.tools.synth.stream import INDEX_FILE, plan_shards, write_index, write_shards
+from server.tools.synth.vocab import (
     BOS,
     DOMAINS,
     EOS,
@@ -29,7 +29,7 @@ from server.model.synth.vocab import (
     token_domains,
     tokenizer_config,
 )
-from server.model.synth.weights import PlantedWeights
+from server.tools.synth.weights import PlantedWeights
 
 DEMO_NAME = "demo-tiny-v1"  # bump when the tiny preset's bytes change
 

@@ -7,7 +7,7 @@ import struct
 import zlib
 from pathlib import Path
 
-from server.png import PNG_SIGNATURE
+from server.tools.png import PNG_SIGNATURE
 
 CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}  # color type -> samples per pixel (8-bit depth only)
 

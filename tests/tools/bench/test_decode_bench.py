@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from server.bench.config import DecodeBenchConfig, Scenario, scenarios, tier_slots
-from server.bench.report import JSON_NAME, MARKDOWN_NAME, PLOTS
-from server.bench.run import run_decode_bench
-from server.bench.scenario import ScenarioResult
-from server.bench.targets import check_targets
 from server.cli import main
-from server.png import Canvas, encode_png
-from tests.bench.png_reader import read_png
+from server.tools.bench.config import DecodeBenchConfig, Scenario, scenarios, tier_slots
+from server.tools.bench.report import JSON_NAME, MARKDOWN_NAME, PLOTS
+from server.tools.bench.run import run_decode_bench
+from server.tools.bench.scenario import ScenarioResult
+from server.tools.bench.targets import check_targets
+from server.tools.png import Canvas, encode_png
+from tests.tools.bench.png_reader import read_png
 
 
 @pytest.fixture(scope="module")

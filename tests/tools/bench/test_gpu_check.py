@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.bench.gpu_check import GpuUnavailable, run_gpu_check
 from server.cli import main
+from server.tools.bench.gpu_check import GpuUnavailable, run_gpu_check
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the check would run")

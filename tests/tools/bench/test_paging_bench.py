@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from expert_cache.bench import CacheBenchConfig, run_cache_bench
 from server.cli import bench
+from server.tools.bench.paging import CacheBenchConfig, run_cache_bench
 from tests.expert_cache.helpers import write_checkpoint
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from server.bench.prefetch_recall import measure_prefetch_recall
 from server.cli import main
+from server.tools.bench.prefetch_recall import measure_prefetch_recall
 
 
 def test_recall_on_planted_domains(tiny_emo_checkpoint: Path) -> None:

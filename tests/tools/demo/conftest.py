@@ -1,4 +1,5 @@
-"""The fixture corpus tree (tests/demo/fixture_root) made real: gzip where Debian gzips, a dictd index."""
+"""The fixture corpus tree (tests/tools/demo/fixture_root) made real: gzip where Debian gzips,
+a dictd index."""
 
 from __future__ import annotations
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from server.demo.corpus import DOMAINS, Document, Roots, build_corpus, load_documents
-from server.demo.corpus.document import Limits
-from server.demo.corpus.entries import bible_chapters, dictd_entries, dictd_number
-from server.demo.corpus.files import strip_troff
-from tests.demo.conftest import FIXTURE, dictd_encode
+from server.tools.demo.corpus import DOMAINS, Document, Roots, build_corpus, load_documents
+from server.tools.demo.corpus.document import Limits
+from server.tools.demo.corpus.entries import bible_chapters, dictd_entries, dictd_number
+from server.tools.demo.corpus.files import strip_troff
+from tests.tools.demo.conftest import FIXTURE, dictd_encode
 
 LIMITS = Limits(max_doc_chars=4000, min_doc_chars=40, max_domain_chars=100_000)
 

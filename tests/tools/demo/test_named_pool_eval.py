@@ -12,13 +12,13 @@ import pytest
 from tokenizers import Tokenizer
 
 from server.cli import main
-from server.demo import demo_model_dir
-from server.demo.corpus import Document
-from server.demo.evaluate import EvalConfig, evaluate_mode, prepare
-from server.demo.named_pool_eval import evaluate_named_pools
-from server.demo.train.export import load_checkpoint
+from server.demo_model import demo_model_dir
 from server.model.loader import load_model
-from tests.demo.conftest import FIXTURE
+from server.tools.demo.corpus import Document
+from server.tools.demo.evaluate import EvalConfig, evaluate_mode, prepare
+from server.tools.demo.named_pool_eval import evaluate_named_pools
+from server.tools.demo.train.export import load_checkpoint
+from tests.tools.demo.conftest import FIXTURE
 
 MODEL = demo_model_dir()
 pytestmark = pytest.mark.skipif(MODEL is None, reason="the demo checkpoint is not shipped in this install")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from server.demo.png import colour, heatmap
-from server.png import text_width
+from server.tools.demo.heatmap import colour, heatmap
+from server.tools.png import text_width
 
 
 def decode(path: Path) -> tuple[int, int, bytes]:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from server.demo.train.config import DemoModelConfig
-from server.demo.train.model import MoE
-from server.demo.train.plan import RoutePlan
-from server.demo.train.routing import load_balancing_loss, route_tokens, segment_pools
+from server.tools.demo.train.config import DemoModelConfig
+from server.tools.demo.train.model import MoE
+from server.tools.demo.train.plan import RoutePlan
+from server.tools.demo.train.routing import load_balancing_loss, route_tokens, segment_pools
 
 
 def naive_pools(probs: torch.Tensor, seg: list[int], sizes: list[int], voters: list[bool]) -> torch.Tensor:

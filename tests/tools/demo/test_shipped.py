@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.demo import demo_model_dir
-from server.demo.generate import greedy, load_for_generation
-from server.demo.samples import FIXED_PROMPTS
+from server.demo_model import demo_model_dir
 from server.model.kv_cache import KVCache
 from server.model.loader import LoadedModel
-from tests.demo.domain_prompts import DOMAIN_PROMPTS
+from server.tools.demo.generate import greedy, load_for_generation
+from server.tools.demo.samples import FIXED_PROMPTS
 from tests.model.reference import EmoReference
+from tests.tools.demo.domain_prompts import DOMAIN_PROMPTS
 
 EXPECTED = Path(__file__).parent / "shipped_expectations.json"
 
@@ -26,7 +26,7 @@ EXPECTED = Path(__file__).parent / "shipped_expectations.json"
 @pytest.fixture(scope="module")
 def checkpoint() -> Path:
     found = demo_model_dir()
-    assert found is not None, "server/demo/checkpoint is part of the package; it is missing"
+    assert found is not None, "server/demo_model/checkpoint is part of the package; it is missing"
     return found
 
 

@@ -8,16 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.demo.corpus import DOMAINS, Document
-from server.demo.evaluate import EvalConfig, evaluate_mode, prepare
-from server.demo.tokenizer_train import EOS, PAD, save_tokenizer, special_id, train_tokenizer
-from server.demo.train.data import batches, pack_rows, split_chunks, tokenize
-from server.demo.train.export import load_checkpoint, save_checkpoint
-from server.demo.train.loop import TrainConfig, train
-from server.demo.train.model import EmoForTraining
-from server.demo.train.plan import RoutePlan
-from server.demo.train.run import PRESETS
-from tests.demo.conftest import FIXTURE
+from server.tools.demo.corpus import DOMAINS, Document
+from server.tools.demo.evaluate import EvalConfig, evaluate_mode, prepare
+from server.tools.demo.tokenizer_train import EOS, PAD, save_tokenizer, special_id, train_tokenizer
+from server.tools.demo.train.data import batches, pack_rows, split_chunks, tokenize
+from server.tools.demo.train.export import load_checkpoint, save_checkpoint
+from server.tools.demo.train.loop import TrainConfig, train
+from server.tools.demo.train.model import EmoForTraining
+from server.tools.demo.train.plan import RoutePlan
+from server.tools.demo.train.run import PRESETS
+from tests.tools.demo.conftest import FIXTURE
 
 TEXTS = {
     "python": (FIXTURE / "python/json_demo/ringbuf.py").read_text(),

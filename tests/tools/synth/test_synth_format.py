@@ -14,11 +14,11 @@ from tokenizers import Tokenizer
 
 from expert_cache.safetensors_index import SafetensorsIndex
 from server.cli import synth as synth_cli
-from server.model.synth import DOMAINS, demo_checkpoint_dir, planted_experts, sample_prompt, write_checkpoint
-from server.model.synth.spec import make_spec
-from server.model.synth.words import COMMON_WORDS, DOMAIN_WORDS
+from server.tools.synth import DOMAINS, demo_checkpoint_dir, planted_experts, sample_prompt, write_checkpoint
+from server.tools.synth.spec import make_spec
+from server.tools.synth.words import COMMON_WORDS, DOMAIN_WORDS
 
-AUTHORS_CONFIG = Path(__file__).resolve().parents[1] / "fixtures" / "emo_reference" / \
+AUTHORS_CONFIG = Path(__file__).resolve().parents[2] / "fixtures" / "emo_reference" / \
     "emo_1b14b_1t.transformers-4.57.1.config.json"  # written by the authors' EmoConfig
 OUR_EXTRA_KEYS = {"head_dim", "bos_token_id", "torch_dtype", "emo_synth"}
 

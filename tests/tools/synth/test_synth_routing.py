@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from server.model import kv_cache, loader
-from server.model.synth import planted_experts, sample_prompt, write_checkpoint
-from server.model.synth.words import DOMAIN_WORDS
+from server.tools.synth import planted_experts, sample_prompt, write_checkpoint
+from server.tools.synth.words import DOMAIN_WORDS
 
 
 @pytest.fixture(scope="module")

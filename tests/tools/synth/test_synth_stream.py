@@ -13,13 +13,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from expert_cache.safetensors_index import SafetensorsIndex
-from server.model.synth import weights as synth_weights
-from server.model.synth import write_checkpoint
-from server.model.synth.spec import make_spec
-from server.model.synth.vocab import build_vocab, token_domains
-from server.model.synth.weights import PlantedWeights
+from server.tools.synth import weights as synth_weights
+from server.tools.synth import write_checkpoint
+from server.tools.synth.spec import make_spec
+from server.tools.synth.vocab import build_vocab, token_domains
+from server.tools.synth.weights import PlantedWeights
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _files(d: Path) -> dict[str, bytes]:
@@ -80,8 +80,8 @@ def test_blocks_are_at_most_one_tensor_and_split_the_vocabulary() -> None:
 _MEASURE = """
 import json, math, resource, sys
 from pathlib import Path
-from server.model.synth.spec import make_spec
-from server.model.synth.writer import write_spec
+from server.tools.synth.spec import make_spec
+from server.tools.synth.writer import write_spec
 out = Path(sys.argv[1])
 write_spec(out / "warm", make_spec("tiny"), shard_bytes=1 << 20)  # one-time allocations
 spec = make_spec("small", dtype="fp32", overrides={"num_hidden_layers": 4, "intermediate_size": 256})

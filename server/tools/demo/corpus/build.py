@@ -9,10 +9,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.demo.corpus.document import DOMAINS, Document, Limits, Roots
-from server.demo.corpus.entries import dictionary_docs, prose_docs
-from server.demo.corpus.files import c_docs, changelog_docs, licence_docs, manpage_docs, python_docs
-from server.demo.corpus.packages import PackageIndex
+from server.tools.demo.corpus.document import DOMAINS, Document, Limits, Roots
+from server.tools.demo.corpus.entries import dictionary_docs, prose_docs
+from server.tools.demo.corpus.files import c_docs, changelog_docs, licence_docs, manpage_docs, python_docs
+from server.tools.demo.corpus.packages import PackageIndex
 
 Source = Callable[[Roots, PackageIndex, Limits], Iterator[Document]]
 SOURCES: dict[str, Source] = {

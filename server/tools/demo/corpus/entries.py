@@ -8,9 +8,9 @@ import subprocess
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from server.demo.corpus.document import Document, Limits, Roots, hashed_order
-from server.demo.corpus.files import clean
-from server.demo.corpus.packages import PackageIndex
+from server.tools.demo.corpus.document import Document, Limits, Roots, hashed_order
+from server.tools.demo.corpus.files import clean
+from server.tools.demo.corpus.packages import PackageIndex
 
 _B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 _VERSE = re.compile(r"^([1-3]?[A-Za-z]+)(\d+):(\d+) (.*)$")

@@ -10,8 +10,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from server.demo.corpus.document import Document, Limits, Roots, hashed_order
-from server.demo.corpus.packages import PackageIndex
+from server.tools.demo.corpus.document import Document, Limits, Roots, hashed_order
+from server.tools.demo.corpus.packages import PackageIndex
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _OVERSTRIKE = re.compile(r".\x08")

@@ -6,7 +6,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-from server.demo.corpus.document import Roots
+from server.tools.demo.corpus.document import Roots
 
 _LICENSE_LINE = re.compile(r"^License:\s*(\S.*)$", re.MULTILINE)
 

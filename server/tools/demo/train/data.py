@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from tokenizers import Tokenizer
 
-from server.demo.corpus import DOMAINS, Document
+from server.tools.demo.corpus import DOMAINS, Document
 
 
 @dataclass(frozen=True)

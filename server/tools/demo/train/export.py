@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from server.demo.train.config import DemoModelConfig
-from server.demo.train.model import EmoForTraining
+from server.tools.demo.train.config import DemoModelConfig
+from server.tools.demo.train.model import EmoForTraining
 from server.model.dtypes import torch_name
 from server.model.families.emo import as_written_by_authors
 

@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from server.demo.train.config import DemoModelConfig
-from server.demo.train.data import Batch
-from server.demo.train.model import EmoForTraining
-from server.demo.train.plan import RoutePlan
+from server.tools.demo.train.config import DemoModelConfig
+from server.tools.demo.train.data import Batch
+from server.tools.demo.train.model import EmoForTraining
+from server.tools.demo.train.plan import RoutePlan
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from server.demo.train.config import DemoModelConfig
-from server.demo.train.plan import RoutePlan
-from server.demo.train.routing import load_balancing_loss, route_tokens, segment_pools
+from server.tools.demo.train.config import DemoModelConfig
+from server.tools.demo.train.plan import RoutePlan
+from server.tools.demo.train.routing import load_balancing_loss, route_tokens, segment_pools
 
 
 class RMSNorm(nn.Module):

@@ -13,13 +13,13 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
-from server.demo.corpus import load_documents
-from server.demo.tokenizer_train import EOS, PAD, special_id
-from server.demo.train.config import DemoModelConfig
-from server.demo.train.data import batches, split_chunks, tokenize
-from server.demo.train.export import save_checkpoint
-from server.demo.train.loop import TrainConfig, TrainResult, train
-from server.demo.train.model import EmoForTraining
+from server.tools.demo.corpus import load_documents
+from server.tools.demo.tokenizer_train import EOS, PAD, special_id
+from server.tools.demo.train.config import DemoModelConfig
+from server.tools.demo.train.data import batches, split_chunks, tokenize
+from server.tools.demo.train.export import save_checkpoint
+from server.tools.demo.train.loop import TrainConfig, TrainResult, train
+from server.tools.demo.train.model import EmoForTraining
 
 PRESETS: dict[str, DemoModelConfig] = {
     # The shipped model: see readme-demo-section / the training record for why this shape.
