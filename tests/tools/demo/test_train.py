@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from server.demo_model import demo_model_dir
+from server.model.config import load_config
 from server.tools.demo.corpus import DOMAINS, Document
 from server.tools.demo.evaluate import EvalConfig, evaluate_mode, prepare
 from server.tools.demo.tokenizer_train import EOS, PAD, save_tokenizer, special_id, train_tokenizer
+from server.tools.demo.train.config import DemoModelConfig
 from server.tools.demo.train.data import batches, pack_rows, split_chunks, tokenize
 from server.tools.demo.train.export import load_checkpoint, save_checkpoint
 from server.tools.demo.train.loop import TrainConfig, train
@@ -190,3 +194,18 @@ def test_evaluation_scores_what_the_serving_path_scores(
         assert result.tokens[doc.domain] == len(doc.ids) - cfg.prefix  # one document per domain
         want = serving_nll(directory, doc.ids, cfg.prefix, pool)
         assert result.nll[doc.domain] == pytest.approx(want, rel=1e-4), doc.domain
+
+
+def test_load_checkpoint_reads_config_json_with_the_serving_parser(tmp_path: Path) -> None:
+    shipped = demo_model_dir()
+    assert shipped is not None
+    (tmp_path / "config.json").write_text((shipped / "config.json").read_text())
+    (tmp_path / "model.safetensors").symlink_to(shipped / "model.safetensors")
+    assert load_checkpoint(tmp_path).config == DemoModelConfig.from_model_config(load_config(shipped))
+    raw = json.loads((shipped / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(raw | {"tie_word_embeddings": True}))
+    with pytest.raises(ValueError, match=r"config\.json: the demo trainer cannot build .*tied embeddings"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(raw | {"num_hidden_layers": 0}))
+    with pytest.raises(ValueError, match=r"config\.json: .*num_layers"):  # a CheckpointError
+        load_checkpoint(tmp_path)

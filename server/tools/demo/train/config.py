@@ -6,6 +6,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from server.model.config import ModelConfig
+
 
 @dataclass(frozen=True)
 class DemoModelConfig:
@@ -86,26 +88,39 @@ class DemoModelConfig:
         }
 
     @classmethod
-    def from_hf_config(cls, raw: dict[str, Any]) -> DemoModelConfig:
-        if raw.get("model_type") != "emo":
-            raise ValueError(f"config.json model_type must be 'emo', got {raw.get('model_type')!r}")
-        try:
-            return cls(
-                vocab_size=raw["vocab_size"],
-                hidden_size=raw["hidden_size"],
-                num_layers=raw["num_hidden_layers"],
-                num_heads=raw["num_attention_heads"],
-                num_kv_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"],
-                intermediate_size=raw["intermediate_size"],
-                num_experts=raw["num_experts"],
-                num_shared_experts=raw.get("num_shared_experts", 0),
-                top_k=raw["num_experts_per_tok"],
-                rope_theta=float(raw.get("rope_theta", 10000.0)),
-                rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-                max_position_embeddings=raw["max_position_embeddings"],
-            )
-        except KeyError as exc:
-            raise ValueError(f"config.json lacks field {exc.args[0]}") from exc
+    def from_model_config(cls, mc: ModelConfig) -> DemoModelConfig:
+        """The trainer's shape of a config.json read by the serving parser (server/model/config.py),
+        so both read a checkpoint alike. The trainer builds only what the demo writes: EMO, every
+        layer MoE with the same experts, shared experts only, plain RoPE, no biases or tying."""
+        problems = [
+            f"model_type must be 'emo', got {mc.family!r}" if mc.family != "emo" else "",
+            "every layer must have the same experts and shared experts, none dense"
+            if len(set(mc.num_experts)) != 1 or len(set(mc.num_shared_experts)) != 1 or 0 in mc.num_experts
+            else "",
+            "always_active_experts are not supported" if any(mc.always_active_experts) else "",
+            f"rope type {mc.rope.rope_type!r} is not supported" if mc.rope.rope_type != "default" else "",
+            "head_dim must be hidden_size / num_attention_heads"
+            if mc.head_dim * mc.num_heads != mc.hidden_size else "",
+            "attention biases, tied embeddings and norm_topk_prob are not supported"
+            if mc.qkv_bias or mc.o_bias or mc.tie_word_embeddings or mc.norm_topk_prob else "",
+        ]
+        if any(problems):
+            reasons = "; ".join(p for p in problems if p)
+            raise ValueError(f"the demo trainer cannot build this model: {reasons}")
+        return cls(
+            vocab_size=mc.vocab_size,
+            hidden_size=mc.hidden_size,
+            num_layers=mc.num_layers,
+            num_heads=mc.num_heads,
+            num_kv_heads=mc.num_kv_heads,
+            intermediate_size=mc.intermediate_size,
+            num_experts=mc.num_experts[0],
+            num_shared_experts=mc.num_shared_experts[0],
+            top_k=mc.top_k,
+            rope_theta=mc.rope.theta,
+            rms_norm_eps=mc.rms_norm_eps,
+            max_position_embeddings=mc.max_position_embeddings,
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -10,10 +10,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from server.tools.demo.train.config import DemoModelConfig
-from server.tools.demo.train.model import EmoForTraining
+from server.model.config import load_config
 from server.model.dtypes import torch_name
 from server.model.families.emo import as_written_by_authors
+from server.tools.demo.train.config import DemoModelConfig
+from server.tools.demo.train.model import EmoForTraining
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 WEIGHTS = "model.safetensors"
@@ -50,10 +51,11 @@ def save_checkpoint(
 
 def load_checkpoint(directory: Path) -> EmoForTraining:
     """The checkpoint as a float32 `EmoForTraining` in eval mode."""
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path}: not an EMO checkpoint directory")
-    config = DemoModelConfig.from_hf_config(json.loads(config_path.read_text()))
+    parsed = load_config(directory)  # as serving reads it; a CheckpointError names file and field
+    try:
+        config = DemoModelConfig.from_model_config(parsed)
+    except ValueError as exc:
+        raise ValueError(f"{directory / 'config.json'}: {exc}") from exc
     model = EmoForTraining(config)
     tensors = load_file(str(directory / WEIGHTS))
     try:
