@@ -28,11 +28,11 @@ from prometheus_client import CollectorRegistry
 from expert_cache.base import ExpertCatalog, ExpertKey, ExpertStore
 from expert_cache.cache import TieredExpertCache
 from expert_cache.host_tier import host_bytes_for
-from server.tools.bench.workload import Recorder, Track, domain_prompt, greedy
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.request import GenerationRequest
 from server.model.loader import load_model
+from server.tools.bench.workload import Recorder, Track, domain_prompt, greedy
 from server.tools.synth import DOMAINS
 from server.tools.synth.spec import SYNTH_KEY
 

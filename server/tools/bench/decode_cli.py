@@ -14,8 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from server.tools.bench.config import CPU_PRESET, GPU_PRESET
 from server.model.dtypes import COMPUTE_DTYPES
+from server.tools.bench.config import CPU_PRESET, GPU_PRESET
 
 
 def _floats(text: str) -> tuple[float, ...]:

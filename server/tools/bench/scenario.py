@@ -21,13 +21,13 @@ from expert_cache.base import ExpertCatalog, ExpertKey, ExpertStore
 from expert_cache.cache import TieredExpertCache
 from expert_cache.host_tier import host_bytes_for
 from expert_cache.resident import ResidentExpertStore
-from server.tools.bench.config import DecodeBenchConfig, Scenario
-from server.tools.bench.workload import Recorder, Track, decode_rate, domain_prompt, greedy, ttft
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.request import GenerationRequest, RequestError
 from server.model.kv_cache import KVCache
 from server.model.loader import load_model
+from server.tools.bench.config import DecodeBenchConfig, Scenario
+from server.tools.bench.workload import Recorder, Track, decode_rate, domain_prompt, greedy, ttft
 
 WAIT_S = 1800.0
 HOST_LATENCY = "emo_serve_expert_cache_load_latency_seconds_sum"

@@ -57,8 +57,8 @@ def _add_cache(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_cache(args: argparse.Namespace) -> int:
-    from server.tools.bench.paging import CacheBenchConfig, run_cache_bench
     from expert_cache.errors import CheckpointError
+    from server.tools.bench.paging import CacheBenchConfig, run_cache_bench
 
     try:
         cfg = CacheBenchConfig(
