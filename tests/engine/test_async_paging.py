@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from expert_cache import TieredExpertCache
 from expert_cache.base import ExpertCatalog, ExpertKey
 from server.engine.engine import Engine
-from server.engine.request import GenerationRequest, RequestOutput, SamplingParams
+from server.engine.request import GenerationRequest, SamplingParams
 from server.engine.sampler import prompt_logprobs
 from server.model.kv_cache import KVCache
 from server.model.loader import LoadedModel, load_model
@@ -147,28 +147,37 @@ def test_running_stream_decodes_while_a_pool_loads(paged: Paged, loaded: LoadedM
 
 
 def test_long_prompt_is_prefilled_in_pieces_between_decode_steps(paged: Paged, loaded: LoadedModel,
-                                                                 make_engine: EngineFactory) -> None:
+                                                                 make_engine: EngineFactory,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     engine = make_engine(model=paged.model, max_num_seqs=4, prefill_chunk_tokens=32)
-    during: dict[str, int] = {}
     c = Collector()
-
-    def on_output(out: RequestOutput) -> None:  # runs on the engine thread, in step order
-        if out.request_id == "long" and "long" not in during:
-            during["long"] = len(c.tokens("A")) - during["before"]
-        c(out)
-
     start_stream(engine, paged, c)
+    # For each call of the model's layer-wise prefill (on the engine thread, in step order): how
+    # many tokens A had streamed then. Calls that saw the same count ran with no decode step of
+    # A between them: one piece. Counting A's tokens from the test thread instead (from before
+    # the submit to "long"'s first token) depends on whether a decode step happens to be in
+    # flight at the submit, which load decides.
+    a_tokens_at_work: list[int] = []
+    model = paged.model.model
+    for name in ("prefill_attend", "prefill_mlp"):
+        real = getattr(model, name)
+
+        def recorded(*args: object, real: Callable[..., object] = real) -> object:
+            a_tokens_at_work.append(len(c.tokens("A")))
+            return real(*args)
+
+        monkeypatch.setattr(model, name, recorded)
     ids = prompt_ids(loaded, 3, 400, seed=5)[:600]
     assert len(ids) > 300
-    during["before"] = len(c.tokens("A"))
-    engine.submit(GenerationRequest("long", ids, greedy(3), expert_pool=8), on_output)
+    engine.submit(GenerationRequest("long", ids, greedy(3), expert_pool=8), c)
     c.wait(["long"])
     engine.cancel("A")
     c.wait(["A"])
-    # every pool expert serves more than 32 of the 600 tokens' rows, so each layer takes at least
-    # 1 + 8 pieces (attention, then one expert per piece), with a decode step of A after each:
-    # 4 layers x 9 pieces, far more than a prefill in one step would let through (0 or 1)
-    assert during["long"] >= 4 * 8
+    # each layer's attention is a piece, then each expert its tokens route to (the 7 planted for
+    # the prompt's domain; the pool's 8th gets no rows) serves more than 32 of the rows, so is a
+    # piece of its own: 4 layers x (1 + 7) pieces, with a decode step of A between any two of
+    # them, where a prefill in one step would show a single piece
+    assert len(set(a_tokens_at_work)) >= 4 * 8, a_tokens_at_work
     resident = run_all(make_engine(max_num_seqs=1), [GenerationRequest("R", ids, greedy(3), expert_pool=8)])
     assert c.tokens("long") == resident.tokens("R")
 
