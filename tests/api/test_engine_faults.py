@@ -207,13 +207,13 @@ def test_inbox_is_answered_when_the_engine_dies(server: LiveServer, monkeypatch:
     assert probes(server) == (503, 503)
 
 
-def test_a_hung_expert_read_fails_its_requests_and_the_engine_goes_on(server: LiveServer) -> None:
-    """A background read that never returns (a stalled disk): requests needing that expert
-    end after --expert-load-timeout; the others, and later ones, are served."""
-    store: Any = server.store
+def hang_reads_of_one_expert(server: LiveServer) -> tuple[ExpertKey, threading.Event, threading.Event]:
+    """Make disk reads of the first MoE layer's first routable expert block until ``unblock`` is
+    set (a stalled disk). Returns that key, an event set when a read starts hanging, and ``unblock``."""
     config = server.engine.model_config
     layer = config.moe_layers[0]
     stuck: ExpertKey = (layer, config.routable_experts(layer)[0])
+    store: Any = server.store
     disk = store._loader.disk
     real_read = disk.read_into
     reading, unblock = threading.Event(), threading.Event()
@@ -225,10 +225,18 @@ def test_a_hung_expert_read_fails_its_requests_and_the_engine_goes_on(server: Li
         return int(real_read(key, *args))
 
     disk.read_into = read_into
+    return stuck, reading, unblock
+
+
+def test_a_hung_expert_read_fails_its_requests_and_the_engine_goes_on(server: LiveServer) -> None:
+    """A background read that never returns (a stalled disk): requests needing that expert
+    end after --expert-load-timeout; the others, and later ones, are served."""
+    store: Any = server.store
+    stuck, reading, unblock = hang_reads_of_one_expert(server)
+    whole = server.engine.model_config.pool_bounds()[1]  # every routable expert: the stuck one too
     try:
         store.prefetch([stuck])
         assert reading.wait(30)  # the loader thread now hangs in the read
-        whole = config.pool_bounds()[1]  # a pool of every routable expert needs the stuck one
         response = complete(server, GOOD, expert_pool=whole)
         assert response.status_code == 503, response.text
         error = response.json()["error"]
@@ -245,21 +253,8 @@ def test_a_hung_expert_read_fails_its_requests_and_the_engine_goes_on(server: Li
 def test_a_request_whose_own_read_hangs_gets_503_and_the_engine_goes_on(server: LiveServer) -> None:
     """The read hangs in the loader thread working for the request itself (nothing read the
     expert before): the engine's deadline fails it after --expert-load-timeout."""
-    store: Any = server.store
-    config = server.engine.model_config
-    layer = config.moe_layers[0]
-    stuck: ExpertKey = (layer, config.routable_experts(layer)[0])
-    disk = store._loader.disk
-    real_read = disk.read_into
-    unblock = threading.Event()
-
-    def read_into(key: ExpertKey, *args: Any) -> int:
-        if key == stuck:
-            assert unblock.wait(60)
-        return int(real_read(key, *args))
-
-    disk.read_into = read_into
-    whole = config.pool_bounds()[1]
+    _, _, unblock = hang_reads_of_one_expert(server)
+    whole = server.engine.model_config.pool_bounds()[1]
     try:
         response = complete(server, GOOD, expert_pool=whole)
         assert response.status_code == 503, response.text
