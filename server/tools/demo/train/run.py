@@ -22,7 +22,7 @@ from server.tools.demo.train.loop import TrainConfig, TrainResult, train
 from server.tools.demo.train.model import EmoForTraining
 
 PRESETS: dict[str, DemoModelConfig] = {
-    # The shipped model: see readme-demo-section / the training record for why this shape.
+    # The shipped model: see docs/demo.md and the training record for why this shape.
     "demo": DemoModelConfig(),
     # A few-second CPU configuration for tests and smoke runs.
     "smoke": DemoModelConfig(
