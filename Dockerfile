@@ -36,7 +36,7 @@ ARG UID=10001
 RUN useradd --uid "${UID}" --user-group --create-home --home-dir /home/emo --shell /usr/sbin/nologin emo \
     && mkdir -p /models && chown emo:emo /models
 COPY --from=build /opt/venv /opt/venv
-# EMO_SERVE_* are read by `emo-serve serve` (server/api/config.py); a flag on the command line
+# EMO_SERVE_* are read by `emo-serve serve` (server/runtime/settings.py); a flag on the command line
 # wins over its variable. The model directory's name becomes the served model name.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \

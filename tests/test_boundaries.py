@@ -1,8 +1,10 @@
 """The package boundaries hold: each package imports only what sits below it.
 
-expert_cache never imports server; server.model never imports server.engine or server.api;
-server.engine never imports server.api. Read from the source (every import statement, also
-those inside functions), so a lazy import cannot slip past.
+expert_cache never imports server; server.model never imports server.engine, server.api or
+server.runtime; server.engine never imports server.api or server.runtime; server.runtime (the
+composition root) builds the engine but never imports the HTTP layer or the commands.
+Read from the source (every import statement, also those inside functions), so a lazy import
+cannot slip past.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 FORBIDDEN = {
     "expert_cache": ("server",),
-    "server/model": ("server.engine", "server.api"),
-    "server/engine": ("server.api",),
+    "server/model": ("server.engine", "server.api", "server.runtime"),
+    "server/engine": ("server.api", "server.runtime"),
+    "server/runtime": ("server.api", "server.cli"),
 }
 
 

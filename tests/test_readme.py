@@ -7,8 +7,8 @@ import json
 import re
 from pathlib import Path
 
-from server.api.config import OPTIONS
 from server.cli import SUBCOMMANDS
+from server.runtime.settings import OPTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -18,6 +18,19 @@ DEMO_REPORT = (ROOT / "docs/demo.md").read_text()
 def test_every_setting_is_documented_and_no_other() -> None:
     documented = set(re.findall(r"`(EMO_SERVE_[A-Z_]+)`", README)) - {"EMO_SERVE_CACHE"}
     assert documented == {opt.env for opt in OPTIONS}
+
+
+def test_the_settings_table_names_each_setting_s_flag_and_commands() -> None:
+    rows: dict[str, list[str]] = {}
+    for line in README.splitlines():
+        if line.startswith("| `EMO_SERVE_"):
+            cells = [cell.strip() for cell in re.split(r"(?<!\\)\|", line)[1:-1]]
+            rows[cells[0].strip("`")] = cells
+    for opt in OPTIONS:
+        _env, flag, commands, *_ = rows.pop(opt.env)
+        assert flag.strip("`").split()[0] == opt.flag, opt.env
+        assert set(commands.split(", ")) == set(opt.commands), opt.env
+    assert set(rows) == {"EMO_SERVE_CACHE"}  # the one variable that is not a setting
 
 
 def test_every_documented_command_exists() -> None:

@@ -1,8 +1,9 @@
-"""create_app(engine, config): the FastAPI application around one engine.
+"""create_app(runtime): the FastAPI application around one engine (server/runtime builds it).
 
-The app owns the engine's life: the lifespan starts its thread and, at shutdown, drains it
-(``engine.shutdown(drain_timeout)``). Every route shares one ``ServingState`` (app.state) and
-one Prometheus registry: the engine's, on which the expert cache registered too.
+The app owns the engine's life from there: the lifespan starts its thread and, at shutdown,
+drains it and closes the expert store (``runtime.close(drain_timeout)``). Every route shares one
+``ServingState`` (app.state) and one Prometheus registry: the engine's, on which the expert
+cache registered too.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from fastapi import Depends, FastAPI
 
 from server.api import routes_chat, routes_completions, routes_misc, routes_pools
 from server.api.auth import bearer_key_checker
-from server.api.config import ServeConfig
 from server.api.errors import install_error_handlers
 from server.api.metrics import HTTPMetrics
 from server.api.named_pools import PoolRegistry
@@ -28,6 +28,7 @@ from server.api.serving import ServingState
 from server.cache_dir import cache_root
 from server.engine.engine import Engine
 from server.model.fingerprint import checkpoint_fingerprint
+from server.runtime import Runtime, Settings
 
 logger = logging.getLogger("emo_serve.api")
 
@@ -37,7 +38,7 @@ def default_pools_dir(served_name: str) -> Path:
     return cache_root() / "pools" / re.sub(r"[^A-Za-z0-9._-]", "_", served_name)
 
 
-def open_pools(engine: Engine, config: ServeConfig, served_name: str) -> PoolRegistry:
+def open_pools(engine: Engine, config: Settings, served_name: str) -> PoolRegistry:
     """Load the named pools and make the --pin-pools ones resident. Raises ValueError (with the
     numbers) when the pinned pools cannot fit the device expert cache together."""
     loaded = engine.loaded
@@ -59,17 +60,16 @@ def open_pools(engine: Engine, config: ServeConfig, served_name: str) -> PoolReg
     return pools
 
 
-def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
-    loaded = engine.loaded
+def create_app(runtime: Runtime) -> FastAPI:
+    """``runtime``'s engine must not be started yet: named pools are pinned before it runs."""
+    engine, config, loaded = runtime.engine, runtime.settings, runtime.loaded
     names = config.served_model_name or (loaded.checkpoint_dir.name,)
     state = ServingState(engine=engine, config=config, served_names=names, registry=engine.registry,
-                         model_root=str(loaded.checkpoint_dir),
-                         generation_defaults=dict(loaded.generation_defaults),
-                         pools=open_pools(engine, config, names[0]))
+                         model_root=str(loaded.checkpoint_dir), pools=open_pools(engine, config, names[0]))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        engine.start()
+        runtime.start()
         logger.info("serving %s as %s (max_model_len %d)", loaded.checkpoint_dir,
                     ", ".join(names), engine.max_model_len)
         try:
@@ -78,9 +78,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
             # After a signal the drain already ran while uvicorn waited for open connections.
             grace = 0.0 if state.draining else config.drain_timeout
             state.draining = True
-            await asyncio.to_thread(engine.shutdown, grace)
-            # stops the cache's loader thread once nothing can ask it for experts any more
-            loaded.model.expert_store.close()
+            await asyncio.to_thread(runtime.close, grace)
             logger.info("engine stopped")
 
     app = FastAPI(title="emo-serve", version=routes_misc.package_version(), lifespan=lifespan)

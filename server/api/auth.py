@@ -1,7 +1,7 @@
 """Bearer-key check for the protected routes (/v1/*, /tokenize, /detokenize).
 
 /health, /ready, /metrics and /version stay open so that probes and Prometheus need no secret.
-The key is compared in constant time and never logged (ServeConfig keeps it out of repr).
+The key is compared in constant time and never logged (Settings keeps it out of repr).
 """
 
 from __future__ import annotations

@@ -122,13 +122,10 @@ def resolve_max_tokens(state: ServingState, requested: int | None, prompt_len: i
 def sampling_params(state: ServingState, body: GenerationFields, *, max_tokens: int,
                     logprobs: int | None, prompt_logprobs: int | None = None,
                     choice: int = 0) -> SamplingParams:
-    defaults = state.generation_defaults
+    defaults = state.engine.sampling_defaults
 
-    def pick(name: str, value: float | int | None, fallback: float | int) -> float | int:
-        if value is not None:
-            return value
-        default = defaults.get(name)
-        return default if isinstance(default, int | float) and not isinstance(default, bool) else fallback
+    def pick(value: float | int | None, default: float | int) -> float | int:
+        return default if value is None else value
 
     seed = None
     if body.seed is not None:
@@ -138,11 +135,11 @@ def sampling_params(state: ServingState, body: GenerationFields, *, max_tokens: 
     try:
         return SamplingParams(
             max_tokens=max_tokens,
-            temperature=float(pick("temperature", body.temperature, 1.0)),
-            top_p=float(pick("top_p", body.top_p, 1.0)),
-            top_k=max(0, int(pick("top_k", body.top_k, 0))),
-            min_p=float(pick("min_p", body.min_p, 0.0)),
-            repetition_penalty=float(pick("repetition_penalty", body.repetition_penalty, 1.0)),
+            temperature=float(pick(body.temperature, defaults.temperature)),
+            top_p=float(pick(body.top_p, defaults.top_p)),
+            top_k=max(0, int(pick(body.top_k, defaults.top_k))),
+            min_p=float(pick(body.min_p, defaults.min_p)),
+            repetition_penalty=float(pick(body.repetition_penalty, defaults.repetition_penalty)),
             presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty,
             seed=seed,

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.api.config import POOL_NAME_PATTERN
 from server.engine.engine import Engine
 from server.engine.request import NamedPool, RequestError
+from server.runtime.settings import POOL_NAME_PATTERN
 
 logger = logging.getLogger("emo_serve.api")
 

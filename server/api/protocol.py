@@ -22,8 +22,8 @@ from pydantic import (
     model_validator,
 )
 
-from server.api.config import POOL_NAME_PATTERN
 from server.engine.request import MAX_LOGPROBS
+from server.runtime.settings import POOL_NAME_PATTERN
 
 SEED_MIN, SEED_LIMIT = -(2**63), 2**64  # signed or unsigned 64-bit
 MAX_POOL_EXAMPLES = 16

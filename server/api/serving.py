@@ -17,13 +17,13 @@ from fastapi import Request
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
-from server.api.config import ServeConfig
 from server.api.errors import APIError, bad_request, validation_error
 from server.api.named_pools import PoolRegistry
 from server.api.protocol import GenerationFields, RequestModel
 from server.engine.engine import Engine
 from server.engine.request import NamedPool
 from server.model.tokenizer import TokenizerBundle
+from server.runtime.settings import Settings
 
 logger = logging.getLogger("emo_serve.api")
 M = TypeVar("M", bound=RequestModel)
@@ -32,11 +32,10 @@ M = TypeVar("M", bound=RequestModel)
 @dataclass
 class ServingState:
     engine: Engine
-    config: ServeConfig
+    config: Settings
     served_names: tuple[str, ...]
     registry: CollectorRegistry
     model_root: str  # where the weights come from, for /v1/models
-    generation_defaults: dict[str, Any]
     pools: PoolRegistry
     draining: bool = False  # set on SIGTERM: new generation requests get 503
     pools_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one pool change at a time

@@ -1,12 +1,13 @@
 """`emo-serve serve`: load a checkpoint and serve it over an OpenAI-compatible HTTP API.
 
-Every flag is also an EMO_SERVE_* variable (flags win); see server/api/config.py for the list.
-Start-up: settings validated -> device memory plan logged and checked -> model loaded with the
-tiered expert cache -> engine -> uvicorn. SIGTERM / SIGINT drain: readiness goes 503, no new
-generation is admitted, running requests get ``--drain-timeout`` seconds to finish (the engine
-cuts the rest), then the process exits 0. If the engine dies (an internal error, or a CUDA
-error that poisons the device), every request is answered with an error, /health turns 503 and
-the server shuts down and exits 1, so that Docker's restart policy or the kubelet restarts it.
+Every flag is also an EMO_SERVE_* variable (flags win); see server/runtime/settings.py for the list.
+Start-up: settings validated -> server/runtime opens the engine (device memory plan logged and
+checked, model loaded onto its expert store) -> named pools pinned -> uvicorn.
+SIGTERM / SIGINT drain: readiness goes 503, no new generation is admitted, running requests get
+``--drain-timeout`` seconds to finish (the engine cuts the rest), then the process exits 0.
+If the engine dies (an internal error, or a CUDA error that poisons the device), every request
+is answered with an error, /health turns 503 and the server shuts down and exits 1, so that
+Docker's restart policy or the kubelet restarts it.
 """
 
 from __future__ import annotations
@@ -19,66 +20,39 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
-from prometheus_client import CollectorRegistry
 
-from server.api.config import ConfigError, ServeConfig, load_config
-from server.api.config import add_arguments as add_config_arguments
-from server.api.memory_plan import PlanError, plan_memory
 from server.logs import configure as configure_logging
+from server.runtime.memory_plan import PlanError
+from server.runtime.settings import ConfigError, Settings, load_settings
+from server.runtime.settings import add_arguments as add_settings_arguments
 
 log = logging.getLogger("emo_serve.cli")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser)
+    add_settings_arguments(parser, "serve")
 
 
-def build_app(config: ServeConfig) -> FastAPI:
-    """Plan, load, build the engine and the app. Raises PlanError / ValueError / CheckpointError."""
-    from expert_cache import TieredExpertCache
+def build_app(settings: Settings) -> FastAPI:
+    """Open the engine (server/runtime) and wrap it in the app. Raises PlanError / ValueError /
+    CheckpointError / OSError, having released whatever it built."""
     from server.api.app import create_app
-    from server.cli.default_model import default_model_dir
-    from server.demo_model import DEMO_MODEL_NAME
-    from server.engine.config import EngineConfig, resolve_device, resolve_dtype
-    from server.engine.engine import Engine
-    from server.model.loader import load_model
+    from server.cli.default_model import with_default_model
+    from server.runtime import open_engine
 
-    model_dir = config.model if config.model is not None else default_model_dir()
-    if config.model is None:
-        log.info("no --model given: serving the built-in demo checkpoint %s", model_dir)
-        if not config.served_model_name:
-            config = replace(config, served_model_name=(DEMO_MODEL_NAME,))
-    device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
-    plan = plan_memory(config, model_dir, device, dtype)
-    log.info("%s", plan.describe())
-    plan.check()
-    registry = CollectorRegistry()
-    loaded = load_model(model_dir, device=device, dtype=dtype, expert_store_factory=lambda catalog: (
-        TieredExpertCache(catalog, device=device, device_budget_bytes=plan.expert_slot_bytes,
-                          host_budget_bytes=plan.host_cache_bytes, registry=registry,
-                          load_timeout_s=config.expert_load_timeout)))
-    store = loaded.model.expert_store
-    if isinstance(store, TieredExpertCache):
-        # pin the host tier now: pinning GiB-sized blocks lazily would stall the first
-        # requests on the engine thread
-        store.allocate_host_tier()
-    mc = loaded.config
-    engine_config = EngineConfig(max_num_seqs=config.max_num_seqs, max_model_len=config.max_model_len,
-                                 max_queue=config.max_queue, default_pool=config.pool_size,
-                                 device=str(device), prefill_chunk_tokens=config.prefill_chunk_tokens,
-                                 expert_load_timeout=config.expert_load_timeout)
-    engine = Engine(loaded, engine_config, registry)
-    log.info("loaded %s: %d layers, %s experts per layer, top-%d, vocab %d, %s on %s; default expert "
-             "pool %s; max_model_len %d", model_dir, mc.num_layers, sorted(set(mc.num_experts)), mc.top_k,
-             mc.vocab_size, str(dtype).removeprefix("torch."), device, engine.default_pool,
-             engine.max_model_len)
-    return create_app(engine, config)
+    if settings.model is None:
+        settings = with_default_model(settings)
+        log.info("no --model given: serving the built-in demo checkpoint %s", settings.model)
+    runtime = open_engine(settings, start=False)  # the app's lifespan starts it
+    try:
+        return create_app(runtime)
+    except BaseException:
+        runtime.close()
+        raise
 
 
 class DrainingServer(uvicorn.Server):
@@ -125,7 +99,7 @@ def _signals_end_quietly() -> Iterator[None]:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        config = load_config(args, os.environ)
+        config = load_settings(args, os.environ, "serve")
     except ConfigError as exc:
         print(f"emo-serve serve: {exc}", file=sys.stderr)
         return 2

@@ -1,7 +1,8 @@
 """The serving engine: queue, pool-aware admission, continuous batching, sampling, streaming.
 
     request.py       what goes in and out (SamplingParams, GenerationRequest, RequestOutput, errors)
-    config.py        EngineConfig, --device / --dtype resolution
+    config.py        EngineConfig (validated once, here) and ConfigError
+    sampling_defaults.py  what a request gets for each sampling parameter it leaves out
     engine.py        Engine: the thread that owns the device; submit / cancel / shutdown
     core.py          one step: schedule, run the model, sample, detokenize, emit; failure isolation
     scheduler.py     continuous batching and admission;  pool_budget.py  expert-slot arithmetic

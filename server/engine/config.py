@@ -1,4 +1,4 @@
-"""Engine configuration and the device / dtype flag helpers shared by the CLI commands."""
+"""EngineConfig: what the engine is told at construction, validated once, here."""
 
 from __future__ import annotations
 
@@ -7,44 +7,26 @@ from typing import Literal
 
 import torch
 
-from server.model.dtypes import COMPUTE_DTYPES, DTYPE_NAMES
+from server.model.dtypes import resolve_dtype
 
 MAX_MODEL_LEN_CAP = 4096  # default cap on the context (KV slots are max_model_len long)
 
 
-def resolve_device(name: str | None) -> torch.device:
-    """'auto' / None -> cuda if available else cpu; otherwise 'cpu', 'cuda', 'cuda:N'."""
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"device: {name!r} is not a device (use auto, cpu, cuda or cuda:N)") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {name!r} asked for but CUDA is not available on this machine")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device: {name!r} is not supported (use auto, cpu, cuda or cuda:N)")
-    return device
+class ConfigError(ValueError):
+    """A setting has a bad value; ``setting`` names the field. The command line maps the field to
+    its flag and variable (server/runtime/settings.py), so every layer reports bad values alike."""
 
-
-def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """'auto' / None -> bf16 on CUDA, fp32 on CPU; otherwise bf16 / fp16 / fp32 (or a dtype)."""
-    if isinstance(name, torch.dtype):
-        if name not in COMPUTE_DTYPES.values():
-            raise ValueError(f"dtype: {name} is not supported (bf16, fp16, fp32)")
-        return name
-    if name in (None, "auto"):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in DTYPE_NAMES:
-        raise ValueError(f"dtype: {name!r} is not supported (use auto, bf16, fp16 or fp32)")
-    return DTYPE_NAMES[name]
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(f"{setting}: {message}")
+        self.setting, self.message = setting, message
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     """``max_model_len`` None = the model's max_position_embeddings capped at MAX_MODEL_LEN_CAP.
-    ``default_pool`` None = the model's default (EMO: a quarter of the routable experts; other
-    families: "full"). ``device`` None = the model's (given, it must be the model's).
+    ``pool_size``: the expert pool of requests that name none; None = the model's default (EMO:
+    a quarter of the routable experts; other families: "full"). ``device`` None = the model's
+    (given, it must be the model's).
     ``dtype``: KV cache dtype, None = the model's. ``kv_cache_bytes`` None = one KV slot per
     ``max_num_seqs``; given, the number of slots is what fits (at most ``max_num_seqs``).
     ``max_wait_steps``: a request waiting longer than this many engine steps is served first.
@@ -63,7 +45,7 @@ class EngineConfig:
     max_num_seqs: int = 16
     max_model_len: int | None = None
     max_queue: int = 256
-    default_pool: int | Literal["full"] | None = None
+    pool_size: int | Literal["full"] | None = None
     device: str | None = None
     dtype: str | torch.dtype | None = None
     kv_cache_bytes: int | None = None
@@ -77,27 +59,27 @@ class EngineConfig:
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_queue", "max_wait_steps", "prefill_chunk_tokens", "loader_threads"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"EngineConfig.{name}: must be an integer >= 1, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(name, f"must be an integer >= 1, got {value!r}")
         if not (isinstance(self.prefill_share, int | float) and self.prefill_share >= 0):
-            raise ValueError(f"EngineConfig.prefill_share: must be a number >= 0, "
-                             f"got {self.prefill_share!r}")
+            raise ConfigError("prefill_share", f"must be a number >= 0, got {self.prefill_share!r}")
         if self.expert_load_timeout is not None and not (
                 isinstance(self.expert_load_timeout, int | float) and self.expert_load_timeout > 0):
-            raise ValueError(f"EngineConfig.expert_load_timeout: must be a number > 0 or None, "
-                             f"got {self.expert_load_timeout!r}")
+            raise ConfigError("expert_load_timeout", f"must be a number > 0 or None, "
+                              f"got {self.expert_load_timeout!r}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int)
                                                or self.max_model_len < 2):
-            raise ValueError(f"EngineConfig.max_model_len: must be an integer >= 2 or None, "
-                             f"got {self.max_model_len!r}")
-        pool = self.default_pool
+            raise ConfigError("max_model_len", f"must be an integer >= 2 or None, got {self.max_model_len!r}")
+        pool = self.pool_size
         if not (pool is None or pool == "full" or (isinstance(pool, int) and not isinstance(pool, bool)
                                                    and pool >= 1)):
-            raise ValueError(f"EngineConfig.default_pool: must be an integer >= 1, 'full' or None, "
-                             f"got {pool!r}")
+            raise ConfigError("pool_size", f"must be an integer >= 1, 'full' or None, got {pool!r}")
         if self.kv_cache_bytes is not None and (not isinstance(self.kv_cache_bytes, int)
                                                 or self.kv_cache_bytes < 1):
-            raise ValueError(f"EngineConfig.kv_cache_bytes: must be a positive integer or None, "
-                             f"got {self.kv_cache_bytes!r}")
+            raise ConfigError("kv_cache_bytes", f"must be a positive integer or None, "
+                              f"got {self.kv_cache_bytes!r}")
         if self.dtype is not None:
-            resolve_dtype(self.dtype, torch.device("cpu"))
+            try:
+                resolve_dtype(self.dtype, torch.device("cpu"))
+            except ValueError as exc:
+                raise ConfigError("dtype", str(exc).removeprefix("dtype: ")) from None

@@ -26,7 +26,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from expert_cache.base import SlotsExhausted
-from server.engine.config import MAX_MODEL_LEN_CAP, EngineConfig, resolve_device, resolve_dtype
+from server.engine.config import MAX_MODEL_LEN_CAP, EngineConfig
 from server.engine.core import EngineCore
 from server.engine.faults import is_fatal
 from server.engine.metrics import EngineMetrics
@@ -41,7 +41,10 @@ from server.engine.request import (
     RequestError,
     RequestOutput,
 )
+from server.engine.sampling_defaults import SamplingDefaults
 from server.engine.scheduler import SchedulerConfig
+from server.model.devices import resolve_device
+from server.model.dtypes import resolve_dtype
 from server.model.kv_cache import KVCache
 
 if TYPE_CHECKING:
@@ -87,6 +90,7 @@ class Engine:
                                 async_paging=config.async_paging, prefill_share=config.prefill_share,
                                 load_timeout_s=config.expert_load_timeout)
         self.default_pool: PoolSpec = self._resolve_default_pool()
+        self.sampling_defaults = SamplingDefaults.from_generation_config(loaded.generation_defaults)
         self.resident: ResidentPools = self._core.resident
         self._core.max_pools = self._core.budget.pools_per_tier(
             self.default_pool if self.default_pool != "full" else mc.pool_bounds()[1])
@@ -104,7 +108,7 @@ class Engine:
         self._death_listeners: list[Callable[[str], None]] = []
 
     def _resolve_default_pool(self) -> PoolSpec:
-        pool = self.config.default_pool
+        pool = self.config.pool_size
         if pool is None:
             pool = self.loaded.config.default_pool_size() or "full"
         if pool != "full":

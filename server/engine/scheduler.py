@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from server.engine.config import EngineConfig
 from server.engine.kv_slots import KVSlotAllocator
 from server.engine.pool_budget import PoolBudget
 from server.engine.sequence import SeqStatus, Sequence
@@ -34,8 +35,11 @@ from server.engine.sequence import SeqStatus, Sequence
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int = 16
-    max_wait_steps: int = 64
+    """Built by the Engine from its EngineConfig (max_num_seqs: the KV slots it could allocate);
+    the defaults are EngineConfig's, so a scheduler tested alone behaves as the engine's does."""
+
+    max_num_seqs: int = EngineConfig.max_num_seqs
+    max_wait_steps: int = EngineConfig.max_wait_steps
     lookahead: int = 8
     separate_full_rows: bool = False
 

@@ -30,6 +30,25 @@ DTYPE_NAMES: dict[str, torch.dtype] = {
 }
 
 
+def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """The one meaning of a ``--dtype`` value: 'auto' / None -> bf16 on CUDA, fp32 on CPU (a CPU
+    has no fast bf16 matmul); otherwise any spelling above, or a compute dtype itself."""
+    if isinstance(name, torch.dtype):
+        if name not in COMPUTE_DTYPES.values():
+            raise ValueError(f"dtype: {name} is not supported (bf16, fp16, fp32)")
+        return name
+    if name in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"dtype: {name!r} is not supported (use auto, bf16, fp16 or fp32)")
+    return DTYPE_NAMES[name]
+
+
+def short_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bf16"``: the spelling flags and reports use."""
+    return next(name for name, d in COMPUTE_DTYPES.items() if d is dtype)
+
+
 def torch_name(dtype: torch.dtype) -> str:
     """``torch.bfloat16`` -> ``"bfloat16"``: the spelling of config.json's ``torch_dtype``."""
     return str(dtype).removeprefix("torch.")

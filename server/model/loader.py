@@ -19,7 +19,8 @@ from expert_cache.errors import CheckpointError
 from expert_cache.resident import ResidentExpertStore
 from expert_cache.safetensors_index import SafetensorsIndex
 from server.model.config import ModelConfig, load_config
-from server.model.dtypes import COMPUTE_DTYPES, DTYPE_NAMES
+from server.model.devices import resolve_device
+from server.model.dtypes import COMPUTE_DTYPES, resolve_dtype
 from server.model.model import MoETransformer
 from server.model.tokenizer import TokenizerBundle, generation_defaults, load_tokenizer
 from server.model.weights import build_catalog, expected_tensors, read_trunk
@@ -37,25 +38,14 @@ class LoadedModel:
     generation_defaults: dict[str, Any] = field(default_factory=dict)
 
 
-def resolve_dtype(dtype: torch.dtype | str, index: SafetensorsIndex, config: ModelConfig) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        resolved = dtype
-    elif dtype == "auto":
-        resolved = index.info(config.names.embed).dtype if config.names.embed in index else torch.float32
-    elif dtype in DTYPE_NAMES:
-        resolved = DTYPE_NAMES[dtype]
-    else:
-        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPE_NAMES)}, got {dtype!r}")
-    if resolved not in COMPUTE_DTYPES.values():
-        raise ValueError(f"dtype {resolved} is not supported (float32, bfloat16, float16)")
-    return resolved
-
-
-def resolve_device(device: torch.device | str) -> torch.device:
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return dev
+def compute_dtype(dtype: torch.dtype | str | None, device: torch.device, index: SafetensorsIndex,
+                  config: ModelConfig) -> torch.dtype:
+    """None: the checkpoint's own dtype (its embedding's), when it is a compute dtype; a name means
+    what it means for every command (server/model/dtypes.py: 'auto' follows the device)."""
+    if dtype is not None:
+        return resolve_dtype(dtype, device)
+    # validate_tensors has already refused weights that are not in a compute dtype
+    return index.info(config.names.embed).dtype if config.names.embed in index else torch.float32
 
 
 def _refuse_pickle(directory: Path) -> None:
@@ -94,7 +84,7 @@ def load_model(
     path: str | Path,
     *,
     device: torch.device | str = "cpu",
-    dtype: torch.dtype | str = "auto",
+    dtype: torch.dtype | str | None = None,
     expert_store_factory: Callable[[ExpertCatalog], ExpertStore] | None = None,
 ) -> LoadedModel:
     directory = Path(path)
@@ -114,9 +104,9 @@ def load_model(
     tokenizer.eos_token_ids = [i for i in tokenizer.eos_token_ids if 0 <= i < config.vocab_size]
     index = SafetensorsIndex.from_directory(directory)
     validate_tensors(config, index, directory)
-    compute_dtype = resolve_dtype(dtype, index, config)
-    catalog = build_catalog(config, index, compute_dtype)
-    trunk = read_trunk(config, index, compute_dtype)  # host memory only
+    weights_dtype = compute_dtype(dtype, dev, index, config)
+    catalog = build_catalog(config, index, weights_dtype)
+    trunk = read_trunk(config, index, weights_dtype)  # host memory only
     store = (expert_store_factory or (lambda c: ResidentExpertStore(c, dev)))(catalog)
     model = MoETransformer(config, {k: v.to(dev) for k, v in trunk.items()}, store)
     model.eval()

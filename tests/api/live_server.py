@@ -18,9 +18,9 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from expert_cache.base import ExpertStore
-from server.api.config import ServeConfig
 from server.cli.serve import build_app
 from server.engine.engine import Engine
+from server.runtime.settings import Settings, settings_of
 
 LOOPBACK = "127.0.0.1"
 
@@ -69,16 +69,16 @@ class LiveServer:
                              f"waiting={self.engine.num_waiting} pinned={self.store.stats().pinned_slots}")
 
 
-def serve_config(checkpoint: Path, **overrides: object) -> ServeConfig:
+def serve_config(checkpoint: Path, **overrides: object) -> Settings:
     settings: dict[str, object] = {"model": checkpoint, "host": LOOPBACK, "port": 0, "device": "cpu",
                                    "dtype": "fp32", "max_model_len": 512, "drain_timeout": 2.0,
                                    "served_model_name": ("tiny", "tiny-alias")}
     settings.update(overrides)
-    return ServeConfig(**settings)  # type: ignore[arg-type]
+    return settings_of(**settings)
 
 
 @contextmanager
-def live_server(config: ServeConfig, *, customize: Callable[[FastAPI], None] | None = None
+def live_server(config: Settings, *, customize: Callable[[FastAPI], None] | None = None
                 ) -> Iterator[LiveServer]:
     """``customize`` may change the app before it starts (add a middleware, ...)."""
     assert config.host == LOOPBACK

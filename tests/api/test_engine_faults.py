@@ -179,7 +179,9 @@ def test_device_poisoning_error_kills_the_engine(server: LiveServer, monkeypatch
     assert plain.status_code == 500 and message in plain.json()["error"]["message"]
     assert streamed.status_code == 200 and '"error"' in streamed.text  # the stream ends in an error event
     wait_for(lambda: server.engine.dead, what="the engine to be dead")
-    assert deaths and message in deaths[0]
+    # the listeners hear of it last, after every request has been answered
+    wait_for(lambda: bool(deaths), what="the death listeners")
+    assert message in deaths[0]
     assert probes(server) == (503, 503)
     assert httpx.get(f"{server.url}/health").json()["error"]["code"] == "engine_dead"
     assert complete(server, GOOD).status_code == 503  # refused under the lock: never queued

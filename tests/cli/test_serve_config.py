@@ -1,4 +1,4 @@
-"""ServeConfig from flags and EMO_SERVE_* variables, and the device memory plan."""
+"""Settings from flags and EMO_SERVE_* variables, for every command, and the device memory plan."""
 
 from __future__ import annotations
 
@@ -8,45 +8,67 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.api.config import OPTIONS, ConfigError, ServeConfig, load_config
-from server.api.memory_plan import PlanError, expert_bytes, plan_memory, trunk_bytes
-from server.cli import serve
+from server.cli import generate, serve
+from server.engine.config import EngineConfig
 from server.model.config import load_config as load_model_config
+from server.runtime.memory_plan import PlanError, expert_bytes, plan_memory, trunk_bytes
+from server.runtime.settings import OPTIONS, ConfigError, Settings, load_settings, options_of, settings_of
 
 
-def parse(argv: list[str], env: dict[str, str] | None = None) -> ServeConfig:
+def parse(argv: list[str], env: dict[str, str] | None = None) -> Settings:
     parser = argparse.ArgumentParser()
     serve.add_arguments(parser)
-    return load_config(parser.parse_args(argv), env or {})
+    return load_settings(parser.parse_args(argv), env or {}, "serve")
 
 
 def test_every_setting_is_a_flag_and_a_variable() -> None:
     parser = argparse.ArgumentParser()
     serve.add_arguments(parser)
     help_text = parser.format_help()
-    fields = set(ServeConfig.__dataclass_fields__)
-    assert {o.field for o in OPTIONS} == fields
+    own = set(Settings.__dataclass_fields__) - {"engine"}
+    engine = set(EngineConfig.__dataclass_fields__)
+    names = {o.name for o in OPTIONS}
+    assert own <= names and names <= own | engine  # every field a user sets is in the one table
+    assert options_of("serve") == OPTIONS  # serve takes every setting
     for opt in OPTIONS:
         assert opt.flag in help_text and opt.env in help_text
-        assert opt.env == "EMO_SERVE_" + opt.field.upper()
+        assert opt.env == "EMO_SERVE_" + opt.name.upper()
+
+
+def test_generate_reads_the_same_table() -> None:
+    """generate's flags and variables are the table's, parsed and validated the same way."""
+    parser = argparse.ArgumentParser()
+    generate.add_arguments(parser)
+    flags = {flag for action in parser._actions for flag in action.option_strings}
+    for opt in OPTIONS:
+        assert (opt.flag in flags) == ("generate" in opt.commands), opt.flag
+    args = parser.parse_args(["--prompt", "x", "--expert-cache", "all", "--pool-size", "full"])
+    settings = load_settings(args, {"EMO_SERVE_DTYPE": "bf16", "EMO_SERVE_PORT": "1"}, "generate",
+                             max_num_seqs=1)
+    assert settings.resident_experts and settings.engine.pool_size == "full"
+    assert settings.dtype == "bf16" and settings.engine.max_num_seqs == 1
+    assert settings.port == Settings().port  # a serve-only variable does not reach generate
+    with pytest.raises(ConfigError, match="--host-cache / EMO_SERVE_HOST_CACHE: has no use"):
+        load_settings(args, {"EMO_SERVE_HOST_CACHE": "1GiB"}, "generate")
 
 
 def test_flags_override_environment() -> None:
     env = {"EMO_SERVE_PORT": "9001", "EMO_SERVE_EXPERT_CACHE": "6GiB", "EMO_SERVE_POOL_SIZE": "full",
            "EMO_SERVE_SERVED_MODEL_NAME": "a, b", "EMO_SERVE_MAX_MODEL_LEN": "1024"}
     config = parse(["--port", "9002", "--host-cache", "512MiB", "--pool-size", "16"], env)
-    assert config.port == 9002 and config.pool_size == 16
+    assert config.port == 9002 and config.engine.pool_size == 16
     assert config.expert_cache == 6 * 1024**3 and config.host_cache == 512 * 1024**2
-    assert config.served_model_name == ("a", "b") and config.max_model_len == 1024
+    assert config.served_model_name == ("a", "b") and config.engine.max_model_len == 1024
     defaults = parse([])
-    assert defaults == ServeConfig() and defaults.host == "127.0.0.1" and defaults.port == 8000
+    assert defaults == Settings() and defaults.host == "127.0.0.1" and defaults.port == 8000
+    assert defaults.engine == EngineConfig() and defaults.engine.max_num_seqs == 16
     assert parse(["--expert-cache", "123456", "--max-model-len", "auto"]).expert_cache == 123456
 
 
 def test_empty_variables_count_as_unset() -> None:
     """Compose and k8s pass VAR="" for "not set"; that must not become Path(".") or a bad key."""
     config = parse([], {"EMO_SERVE_MODEL": "", "EMO_SERVE_API_KEY": "  ", "EMO_SERVE_PORT": ""})
-    assert config == ServeConfig()
+    assert config == Settings()
 
 
 def test_api_key_is_never_in_the_repr() -> None:
@@ -81,7 +103,7 @@ def test_cli_reports_a_bad_variable_and_exits_2(monkeypatch: pytest.MonkeyPatch,
 
 def test_memory_plan_counts_every_part_and_refuses_what_cannot_fit(checkpoint: Path) -> None:
     mc = load_model_config(checkpoint)
-    config = ServeConfig(max_num_seqs=4, max_model_len=256, host_cache=0)
+    config = settings_of(max_num_seqs=4, max_model_len=256, host_cache=0)
     plan = plan_memory(config, checkpoint, torch.device("cpu"), torch.float32, free_bytes=1 << 40)
     assert plan.trunk_bytes == trunk_bytes(mc, torch.float32) > 0
     assert plan.expert_slot_bytes == plan.all_experts_bytes == expert_bytes(mc, torch.float32)
@@ -94,7 +116,7 @@ def test_memory_plan_counts_every_part_and_refuses_what_cannot_fit(checkpoint: P
     tight = plan_memory(config, checkpoint, torch.device("cpu"), torch.float32,
                         free_bytes=plan.needed_bytes - 1)
     assert tight.expert_slot_bytes < plan.expert_slot_bytes  # auto shrinks the expert slots
-    fixed = ServeConfig(max_num_seqs=4, max_model_len=256, host_cache=0, expert_cache=plan.all_experts_bytes)
+    fixed = settings_of(max_num_seqs=4, max_model_len=256, host_cache=0, expert_cache=plan.all_experts_bytes)
     too_big = plan_memory(fixed, checkpoint, torch.device("cpu"), torch.float32,
                           free_bytes=plan.needed_bytes - 1)
     with pytest.raises(PlanError) as err:

@@ -83,7 +83,7 @@ class LiveServer:
 @pytest.fixture(scope="session")
 def cli_env_vars() -> dict[str, str]:
     """flag -> EMO_SERVE_* variable, from the table `emo-serve serve` parses its settings with."""
-    from server.api.config import OPTIONS
+    from server.runtime.settings import OPTIONS
 
     return {opt.flag: opt.env for opt in OPTIONS}
 

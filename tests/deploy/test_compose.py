@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from server.api.config import load_config
+from server.runtime.settings import load_settings
 from tests.deploy.conftest import DEPLOY, ROOT, load_yaml_docs
 from tests.deploy.dockerfile import env_of, parse_dockerfile, stages
 
@@ -81,7 +81,7 @@ def test_settings_are_cli_variables_that_parse(cli_env_vars: dict[str, str]) -> 
     env = compose_env("emo-serve")
     assert set(env) <= set(cli_env_vars.values()), set(env) - set(cli_env_vars.values())
     image = env_of(stages(parse_dockerfile(ROOT / "Dockerfile"))[-1])
-    config = load_config({}, {**image, **env})
+    config = load_settings({}, {**image, **env})
     assert config.host == "0.0.0.0"
     assert str(config.model).startswith("/models/")
     published = [str(p) for p in SERVICES["emo-serve"]["ports"]]
@@ -96,7 +96,7 @@ def test_model_volume_is_mounted_read_only_at_models() -> None:
 def test_stop_grace_covers_the_drain() -> None:
     """uvicorn gives open connections drain_timeout + 5 s (server/cli/serve.py) after the drain."""
     image = env_of(stages(parse_dockerfile(ROOT / "Dockerfile"))[-1])
-    drain = load_config({}, {**image, **compose_env("emo-serve")}).drain_timeout
+    drain = load_settings({}, {**image, **compose_env("emo-serve")}).drain_timeout
     assert seconds(SERVICES["emo-serve"]["stop_grace_period"]) >= drain + 5
 
 
@@ -140,5 +140,5 @@ def test_cpu_override_drops_the_gpu_and_picks_the_cpu_wheel(cli_env_vars: dict[s
     assert cpu["build"]["args"]["TORCH_INDEX"] == "https://download.pytorch.org/whl/cpu"
     assert set(cpu["environment"]) <= set(cli_env_vars.values())
     image = env_of(stages(parse_dockerfile(ROOT / "Dockerfile"))[-1])
-    assert load_config({}, {**image, **compose_env("emo-serve"), **cpu["environment"]}).device == "cpu"
+    assert load_settings({}, {**image, **compose_env("emo-serve"), **cpu["environment"]}).device == "cpu"
     assert cpu["image"] != SERVICES["emo-serve"]["image"], "the CPU image must not overwrite the GPU tag"

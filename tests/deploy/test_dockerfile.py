@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from server.api.config import ServeConfig, load_config
+from server.runtime.settings import Settings, load_settings
 from tests.deploy.conftest import ROOT, LiveServer, clean_env
 from tests.deploy.dockerfile import DockerIgnore, Instruction, env_of, parse_dockerfile, stages
 
@@ -81,7 +81,7 @@ def test_image_env_names_are_read_by_the_cli_and_parse(cli_env_vars: dict[str, s
     assert ours, "the image configures the server through EMO_SERVE_* variables"
     unknown = ours - set(cli_env_vars.values())
     assert not unknown, f"not read by emo-serve serve: {unknown}"
-    config = load_config({}, env)
+    config = load_settings({}, env)
     assert config.host == "0.0.0.0" and config.port == 8000
     assert config.drain_timeout == float(env["EMO_SERVE_DRAIN_TIMEOUT"])
 
@@ -116,7 +116,7 @@ def test_healthcheck_command_passes_against_a_real_server(live_server: LiveServe
 
 
 def test_default_port_agrees_with_the_cli() -> None:
-    assert ServeConfig().port == int(image_env()["EMO_SERVE_PORT"])
+    assert Settings().port == int(image_env()["EMO_SERVE_PORT"])
 
 
 def context_files() -> list[str]:

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from server.api.config import POOL_NAME_PATTERN, load_config
+from server.runtime.settings import POOL_NAME_PATTERN, load_settings
 from tests.deploy.conftest import DEPLOY, LiveServer, load_yaml_docs
 
 GIE = DEPLOY / "k8s" / "inference-extension"
@@ -118,7 +118,7 @@ def test_one_model_and_objective_entry_per_named_pool() -> None:
     deployment = load_yaml_docs(DEPLOY / "k8s" / "deployment.yaml")[0]
     env = {e["name"]: e["value"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
            if "value" in e}
-    served = load_config({}, env).model.name  # the served name: the model folder's
+    served = load_settings({}, env).model.name  # the served name: the model folder's
     pool_name = one("InferencePool")["metadata"]["name"]
     (rewrite,) = of_kind("InferenceModelRewrite")
     assert rewrite["spec"]["poolRef"]["name"] == pool_name

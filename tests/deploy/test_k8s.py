@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
-from server.api.config import load_config
+from server.runtime.settings import load_settings
 from tests.deploy.conftest import DEPLOY, LiveServer, load_yaml_docs
 
 K8S = DEPLOY / "k8s"
@@ -47,7 +47,7 @@ def test_every_manifest_parses_and_kustomization_lists_existing_files() -> None:
 def test_settings_are_cli_variables_that_parse(cli_env_vars: dict[str, str]) -> None:
     names = {e["name"] for e in CONTAINER["env"]}
     assert names <= set(cli_env_vars.values()), names - set(cli_env_vars.values())
-    config = load_config({}, ENV)
+    config = load_settings({}, ENV)
     assert config.host == "0.0.0.0"
     assert PORTS["http"] == config.port
     mount = next(m for m in CONTAINER["volumeMounts"] if m["name"] == "models")
@@ -71,7 +71,7 @@ def test_grace_period_covers_prestop_and_the_drain() -> None:
     """SIGTERM comes after preStop; the server then drains for drain_timeout and uvicorn gives
     open connections 5 s more (server/cli/serve.py). The kubelet's period counts all of it."""
     assert CONTAINER["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", str(PRESTOP_SLEEP_S)]
-    drain = load_config({}, ENV).drain_timeout
+    drain = load_settings({}, ENV).drain_timeout
     grace = POD["spec"]["terminationGracePeriodSeconds"]
     assert PRESTOP_SLEEP_S + drain + 5 <= grace <= PRESTOP_SLEEP_S + drain + 30
 

@@ -221,7 +221,7 @@ def test_dead_engine_thread_is_not_ready(loaded: LoadedModel, make_engine: Engin
 
 
 def test_engine_config_validation_and_kv_budget(loaded: LoadedModel, make_engine: EngineFactory) -> None:
-    for bad in (dict(max_num_seqs=0), dict(max_queue=-1), dict(default_pool="most"),
+    for bad in (dict(max_num_seqs=0), dict(max_queue=-1), dict(pool_size="most"),
                 dict(max_model_len=1), dict(kv_cache_bytes=0), dict(dtype="int8")):
         name = next(iter(bad))
         with pytest.raises(ValueError, match=name):

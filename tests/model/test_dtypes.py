@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.engine.config import resolve_dtype
-from server.model.dtypes import COMPUTE_DTYPES, DTYPE_NAMES, torch_name
+from server.model.dtypes import COMPUTE_DTYPES, DTYPE_NAMES, resolve_dtype, torch_name
 
 
 @pytest.mark.parametrize("name", sorted(DTYPE_NAMES))

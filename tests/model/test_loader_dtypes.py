@@ -37,7 +37,7 @@ def test_half_precision_close_to_fp32(tmp_path: Path, dtype: torch.dtype | str) 
 
 def test_bf16_files_auto_dtype(tmp_path: Path) -> None:
     write_emo(tmp_path, seed=1, dtype=torch.bfloat16)
-    loaded = load_model(tmp_path)  # dtype="auto": the checkpoint's dtype
+    loaded = load_model(tmp_path)  # no dtype: the checkpoint's own
     assert loaded.model.dtype == torch.bfloat16
     assert logits(tmp_path, torch.float32).shape == (6, 96)
 

@@ -17,21 +17,23 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from prometheus_client import CollectorRegistry
 
-from expert_cache.base import ExpertCatalog, ExpertKey, ExpertStore
-from expert_cache.cache import TieredExpertCache
-from expert_cache.host_tier import host_bytes_for
+from expert_cache.base import ExpertKey, ExpertStore
 from server.engine.config import EngineConfig
-from server.engine.engine import Engine
 from server.engine.request import GenerationRequest
-from server.model.loader import load_model
+from server.logs import configure as configure_logging
+from server.model.dtypes import DTYPE_NAMES, short_name
+from server.runtime import Settings, open_engine
+from server.runtime.settings import add_arguments as add_settings_arguments
+from server.runtime.settings import load_settings, resolved_placement
+from server.tools.bench.tiers import experts_per_layer, header_catalog, tier_budget, whole_host_budget
 from server.tools.bench.workload import Recorder, Track, domain_prompt, greedy
 from server.tools.synth import DOMAINS
 from server.tools.synth.spec import SYNTH_KEY
@@ -117,32 +119,24 @@ def _domains(model_dir: Path) -> int:
 
 
 def run_mode(cfg: ArrivalsConfig, mode: str, log: Callable[[str], None]) -> ModeResult:
-    device = torch.device(cfg.device)
+    dtype = DTYPE_NAMES[cfg.dtype]
+    catalog = header_catalog(cfg.model_dir, dtype)
+    pinned = torch.device(cfg.device).type == "cuda"
+    hook = None
+    if cfg.disk_gb_s is not None:
+        seconds = catalog.expert_bytes(min(experts_per_layer(catalog))) / (cfg.disk_gb_s * 1e9)
 
-    def slow_disk(nbytes: int) -> Callable[[ExpertKey], None]:
-        assert cfg.disk_gb_s is not None
-        seconds = nbytes / (cfg.disk_gb_s * 1e9)
-        return lambda key: time.sleep(seconds)
+        def hook(key: ExpertKey) -> None:
+            time.sleep(seconds)
 
-    def factory(catalog: ExpertCatalog) -> TieredExpertCache:
-        per_layer: dict[int, int] = {}
-        for layer, _ in catalog.chunks:
-            per_layer[layer] = per_layer.get(layer, 0) + 1
-        budget = sum(math.ceil(cfg.tier * n - 1e-9) * catalog.expert_bytes(layer)
-                     for layer, n in per_layer.items())
-        pinned = device.type == "cuda"
-        host = sum(host_bytes_for(catalog.expert_bytes(layer), n, pinned) for layer, n in per_layer.items())
-        hook = None if cfg.disk_gb_s is None else slow_disk(catalog.expert_bytes(next(iter(per_layer))))
-        return TieredExpertCache(catalog, device=device, device_budget_bytes=budget,
-                                 host_budget_bytes=host if cfg.host_tier else 0, before_disk_read=hook)
-
-    loaded = load_model(cfg.model_dir, device=device, dtype=cfg.dtype, expert_store_factory=factory)
-    store = loaded.model.expert_store
     n = cfg.streams + cfg.arrivals
-    config = EngineConfig(max_num_seqs=n, max_model_len=cfg.prompt_tokens + cfg.stream_tokens + 8,
-                          prefill_chunk_tokens=cfg.prefill_chunk_tokens, async_paging=mode == "async")
-    engine = Engine(loaded, config, CollectorRegistry())
-    engine.start()
+    engine_config = EngineConfig(max_num_seqs=n, max_model_len=cfg.prompt_tokens + cfg.stream_tokens + 8,
+                                 prefill_chunk_tokens=cfg.prefill_chunk_tokens, async_paging=mode == "async")
+    settings = Settings(model=cfg.model_dir, device=cfg.device, dtype=cfg.dtype, engine=engine_config,
+                        expert_cache=tier_budget(catalog, cfg.tier)[1],
+                        host_cache=whole_host_budget(catalog, pinned) if cfg.host_tier else 0)
+    runtime = open_engine(settings, before_disk_read=hook)
+    engine, store = runtime.engine, runtime.store
     tok, rec, result = engine.tokenizer, Recorder(), ModeResult(mode)
     domains = _domains(cfg.model_dir)
     stream_domains = max(1, domains - cfg.arrivals)
@@ -187,8 +181,7 @@ def run_mode(cfg: ArrivalsConfig, mode: str, log: Callable[[str], None]) -> Mode
             else:
                 result.arrivals = _gaps(tracks, start, end)
     finally:
-        engine.shutdown(grace_s=0.0)
-        store.close()
+        runtime.close()
     return result
 
 
@@ -222,9 +215,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="synthetic preset (default small on CPU, emo-1b14b on CUDA)")
     parser.add_argument("--synth-layers", type=int, default=None, metavar="N",
                         help="synthetic checkpoint with N layers of the preset's shape")
-    parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default cuda when available)")
-    parser.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
-                        help="compute dtype (default bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--out", type=Path, default=Path("bench-arrivals"), metavar="DIR",
                         help="where the synthetic checkpoint and arrivals.json go (default ./bench-arrivals)")
     parser.add_argument("--streams", type=int, default=4, help="running streams (default 4)")
@@ -247,6 +237,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", default="async,blocking", help="async and/or blocking (default both)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default torch's; 1 on a machine shared with other work)")
+    add_settings_arguments(parser, "bench")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -258,11 +249,13 @@ def run(args: argparse.Namespace) -> int:
     def log(message: str) -> None:
         print(f"  {message}", file=sys.stderr, flush=True)
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    gpu = device.startswith("cuda")
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
     try:
+        settings = load_settings(args, os.environ, "bench")
+        configure_logging(settings.log_level)
+        device, dtype = resolved_placement(settings)
+        gpu = device.type == "cuda"
         model_dir = args.model
         if model_dir is None:
             preset = args.preset or ("emo-1b14b" if gpu else "small")
@@ -274,7 +267,7 @@ def run(args: argparse.Namespace) -> int:
                 write_checkpoint(model_dir, preset, seed=0, dtype="bf16" if gpu else "fp32",
                                  overrides=overrides)
         cfg = ArrivalsConfig(
-            model_dir=Path(model_dir), device=device, dtype=args.dtype or ("bf16" if gpu else "fp32"),
+            model_dir=Path(model_dir), device=str(device), dtype=short_name(dtype),
             streams=args.streams, stream_tokens=args.stream_tokens, arrivals=args.arrivals,
             arrival_every=args.arrival_every, prompt_tokens=args.prompt_tokens or (512 if gpu else 64),
             tier=args.tier, host_tier=args.host_tier, disk_gb_s=args.disk_gbps,

@@ -11,10 +11,14 @@ Defaults follow the device: on CUDA a synthetic emo-1b14b checkpoint, bf16, 512-
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from server.model.dtypes import COMPUTE_DTYPES
+from server.logs import configure as configure_logging
+from server.model.dtypes import short_name
+from server.runtime.settings import add_arguments as add_settings_arguments
+from server.runtime.settings import load_settings, resolved_placement
 from server.tools.bench.config import CPU_PRESET, GPU_PRESET
 
 
@@ -41,9 +45,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--synth-layers", type=int, default=None, metavar="N",
                         help="synthetic checkpoint with N layers of the preset's shape (emo-1b14b: 16 "
                              "layers, 28 GB, several minutes to write)")
-    parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default cuda when available)")
-    parser.add_argument("--dtype", default=None, choices=list(COMPUTE_DTYPES),
-                        help="compute dtype (default bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--out", type=Path, default=Path("bench-decode"), metavar="DIR",
                         help="where the JSON, Markdown and PNG files go (default ./bench-decode)")
     parser.add_argument("--tiers", type=_floats, default=(0.25, 0.5, 1.0),
@@ -68,20 +69,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-fullgraph", action="store_true",
                         help="skip compiling the decode step with fullgraph=True "
                              "(decode_step.fullgraph null)")
+    add_settings_arguments(parser, "bench")
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from expert_cache.errors import CheckpointError
     from server.tools.bench.config import DecodeBenchConfig
     from server.tools.bench.run import run_decode_bench
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    gpu = device.startswith("cuda")
     try:
+        settings = load_settings(args, os.environ, "bench")
+        configure_logging(settings.log_level)
+        device, dtype = resolved_placement(settings)
+        gpu = device.type == "cuda"
         cfg = DecodeBenchConfig(
-            out_dir=args.out, device=device, dtype=args.dtype or ("bf16" if gpu else "fp32"),
+            out_dir=args.out, device=str(device), dtype=short_name(dtype),
             model_dir=args.model, preset=args.preset or (GPU_PRESET if gpu else CPU_PRESET),
             synth_layers=args.synth_layers,
             tiers=args.tiers, pools=args.pools, full_routing=not args.no_full,

@@ -19,22 +19,19 @@ from prometheus_client import CollectorRegistry
 
 from expert_cache.base import ExpertCatalog, ExpertKey, ExpertStore
 from expert_cache.cache import TieredExpertCache
-from expert_cache.host_tier import host_bytes_for
-from expert_cache.resident import ResidentExpertStore
+from expert_cache.errors import CheckpointError
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.request import GenerationRequest, RequestError
+from server.model.dtypes import DTYPE_NAMES
 from server.model.kv_cache import KVCache
-from server.model.loader import load_model
+from server.runtime import Settings, open_engine
 from server.tools.bench.config import DecodeBenchConfig, Scenario
+from server.tools.bench.tiers import header_catalog, tier_budget, whole_host_budget
 from server.tools.bench.workload import Recorder, Track, decode_rate, domain_prompt, greedy, ttft
 
 WAIT_S = 1800.0
 HOST_LATENCY = "emo_serve_expert_cache_load_latency_seconds_sum"
-
-
-class ScenarioSkipped(Exception):
-    """The scenario cannot run on this machine / checkpoint; the message says why."""
 
 
 @dataclass
@@ -55,16 +52,6 @@ class ScenarioResult:
     budget_bytes: int = 0  # trunk + device tier budget + KV slots
     skipped: str | None = None
     notes: list[str] = field(default_factory=list)
-
-
-def _tier_budget(catalog: ExpertCatalog, tier: float) -> tuple[int, int]:
-    """(slots, bytes) of a tier: ceil(tier * |R_l|) experts per MoE layer."""
-    slots = {layer: math.ceil(tier * n - 1e-9) for layer, n in _per_layer_counts(catalog).items()}
-    return sum(slots.values()), sum(n * catalog.expert_bytes(layer) for layer, n in slots.items())
-
-
-def _all_expert_bytes(catalog: ExpertCatalog) -> int:
-    return sum(catalog.expert_bytes(layer) for layer, _ in catalog.chunks)
 
 
 @torch.inference_mode()  # like the model: buffers the cache allocated there stay writable
@@ -102,70 +89,56 @@ class _Counters:
         return tuple(b - a for a, b in zip(self.start, now, strict=True))  # type: ignore[return-value]
 
 
+def _settings(cfg: DecodeBenchConfig, sc: Scenario, model_dir: Path, catalog: ExpertCatalog) -> Settings:
+    """The scenario as server settings: its tier as the device budget, a host tier that holds
+    every expert (so the measured misses are host -> device copies), its routing as the default
+    pool, one KV slot per concurrent request."""
+    engine = EngineConfig(max_num_seqs=cfg.concurrency, max_model_len=cfg.max_model_len,
+                          pool_size=sc.routing)
+    if sc.resident:
+        return Settings(model=model_dir, device=cfg.device, dtype=cfg.dtype, engine=engine,
+                        expert_cache="all")
+    pinned = torch.device(cfg.device).type == "cuda"
+    return Settings(model=model_dir, device=cfg.device, dtype=cfg.dtype, engine=engine,
+                    expert_cache=tier_budget(catalog, sc.tier)[1],
+                    host_cache=whole_host_budget(catalog, pinned))
+
+
 def run_scenario(
     cfg: DecodeBenchConfig, sc: Scenario, model_dir: Path, log: Callable[[str], None]
 ) -> ScenarioResult:
     device = torch.device(cfg.device)
     registry = CollectorRegistry()
-    holder: dict[str, object] = {}
-
-    def factory(catalog: ExpertCatalog) -> ExpertStore:
-        total = _all_expert_bytes(catalog)
-        if sc.resident:
-            if device.type == "cuda" and total > 0.9 * torch.cuda.mem_get_info(device)[0]:
-                raise ScenarioSkipped(f"all experts ({total / 1e9:.1f} GB) do not fit the free device memory")
-            holder["slots"] = len(catalog.chunks)
-            return ResidentExpertStore(catalog, device)
-        slots, budget = _tier_budget(catalog, sc.tier)
-        holder["slots"] = slots
-        pinned = device.type == "cuda"
-        host = sum(host_bytes_for(catalog.expert_bytes(layer), n, pinned)
-                   for layer, n in _per_layer_counts(catalog).items())
-        return TieredExpertCache(catalog, device=device, device_budget_bytes=budget,
-                                 host_budget_bytes=host, registry=registry)
-
+    dtype = DTYPE_NAMES[cfg.dtype]
+    catalog = header_catalog(model_dir, dtype)
+    slots = len(catalog.chunks) if sc.resident else tier_budget(catalog, sc.tier)[0]
     if device.type == "cuda":
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    result = ScenarioResult(sc.name, sc.routing, sc.tier, 0)
+    result = ScenarioResult(sc.name, sc.routing, sc.tier, slots)
     try:
-        loaded = load_model(model_dir, device=device, dtype=cfg.dtype, expert_store_factory=factory)
-    except ScenarioSkipped as e:
-        result.skipped = str(e)
+        runtime = open_engine(_settings(cfg, sc, model_dir, catalog), registry=registry)
+    except CheckpointError:
+        raise
+    except ValueError as e:  # does not fit the device (PlanError), or the tier cannot hold the pool
+        result.skipped = str(e).splitlines()[0]
         return result
-    result.device_slots = int(holder["slots"])  # type: ignore[call-overload]
-    store = loaded.model.expert_store
-    try:
-        engine = Engine(loaded, EngineConfig(max_num_seqs=cfg.concurrency, max_model_len=cfg.max_model_len,
-                                             default_pool=sc.routing), CollectorRegistry())
-    except ValueError as e:
-        store.close()
-        result.skipped = str(e)
-        return result
-    engine.start()
-    try:
-        _measure(cfg, sc, engine, store, registry, result, log)
-    except RequestError as e:
-        result.skipped = f"rejected by the engine: {e}"
-    finally:
-        engine.shutdown(grace_s=0.0)
-        store.close()
+    engine, store = runtime.engine, runtime.store
+    with runtime:
+        try:
+            _measure(cfg, sc, engine, store, registry, result, log)
+        except RequestError as e:
+            result.skipped = f"rejected by the engine: {e}"
+    loaded = runtime.loaded
     trunk = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
     kv = KVCache.bytes_per_slot(loaded.config, cfg.max_model_len, loaded.model.dtype) * engine.num_kv_slots
     result.budget_bytes = trunk + store.stats().device.capacity_bytes + kv
     if device.type == "cuda":  # on CPU, summing our own sizes would equal the budget by construction
         result.peak_device_bytes = torch.cuda.max_memory_allocated(device)
-    del engine, loaded
+    del engine, store, loaded, runtime
     gc.collect()
     return result
-
-
-def _per_layer_counts(catalog: ExpertCatalog) -> dict[int, int]:
-    counts: dict[int, int] = {}
-    for layer, _ in catalog.chunks:
-        counts[layer] = counts.get(layer, 0) + 1
-    return counts
 
 
 def _submit(engine: Engine, rec: Recorder, rid: str, ids: list[int], n: int, pool_keys: bool = False) -> str:
@@ -183,8 +156,6 @@ def _measure(cfg: DecodeBenchConfig, sc: Scenario, engine: Engine, store: Expert
     all_keys = sorted(engine.loaded.catalog.chunks)
     if not sc.resident:
         log(f"{sc.name}: warming the host tier ({len(all_keys)} experts)")
-        if isinstance(store, TieredExpertCache):
-            store.allocate_host_tier()
         page_through(store, all_keys)
     log(f"{sc.name}: probe + flush, then TTFT cold / warm ({cfg.prompt_tokens}-token prompt)")
     probe = rec.wait([_submit(engine, rec, "probe", prompt, 1, pool_keys=True)], WAIT_S)[0]

@@ -1,9 +1,10 @@
-"""The device memory plan of `emo-serve serve`, made from config.json before any weight is read.
+"""The device memory plan of every command that runs a model, made from config.json before any
+weight is read.
 
     trunk        every non-routable tensor (embeddings, attention, norms, routers, lm_head,
                  shared / always-active experts) in the compute dtype
     expert slots the expert cache's device tier (--expert-cache; auto: what is left, capped
-                 at all experts)
+                 at all experts; all: every expert, resident)
     KV cache     max_num_seqs slots of max_model_len tokens
     workspace    an estimate of the largest transient tensors: a full-prompt prefill with
                  prompt logprobs ([T, V] fp32 logits), attention scores, MoE activations, and
@@ -21,11 +22,11 @@ from pathlib import Path
 import torch
 
 from expert_cache.memory import available_host_bytes, default_host_budget_bytes, format_bytes
-from server.api.config import ServeConfig
 from server.engine.config import MAX_MODEL_LEN_CAP
 from server.model.config import ModelConfig, load_config
 from server.model.kv_cache import KVCache
 from server.model.weights import expected_tensors
+from server.runtime.settings import Settings
 
 AUTO_MARGIN = 0.10  # of free memory, kept back when the expert budget is chosen automatically
 
@@ -103,21 +104,26 @@ def free_device_bytes(device: torch.device) -> int | None:
     return available_host_bytes()
 
 
-def plan_memory(config: ServeConfig, model_dir: Path, device: torch.device, dtype: torch.dtype,
+def plan_memory(settings: Settings, model_dir: Path, device: torch.device, dtype: torch.dtype,
                 free_bytes: int | None = None) -> MemoryPlan:
     """``free_bytes`` None: measured on ``device`` now."""
     mc = load_config(model_dir)
-    max_len = config.max_model_len or min(mc.max_position_embeddings, MAX_MODEL_LEN_CAP)
+    engine = settings.engine
+    max_len = engine.max_model_len or min(mc.max_position_embeddings, MAX_MODEL_LEN_CAP)
     free = free_device_bytes(device) if free_bytes is None else free_bytes
     all_experts = expert_bytes(mc, dtype)
-    host = config.host_cache
-    if host is None:
+    host = settings.host_cache
+    if settings.resident_experts:
+        host = 0  # the resident store reads every expert straight onto the device
+    elif host is None:
         host = min(all_experts, default_host_budget_bytes())
     fixed = MemoryPlan(device, trunk_bytes(mc, dtype), 0, all_experts,
-                       KVCache.bytes_per_slot(mc, max_len, dtype) * config.max_num_seqs,
-                       workspace_bytes(mc, max_len, config.max_num_seqs, dtype), host, free)
-    slots = config.expert_cache
-    if slots is None:
+                       KVCache.bytes_per_slot(mc, max_len, dtype) * engine.max_num_seqs,
+                       workspace_bytes(mc, max_len, engine.max_num_seqs, dtype), host, free)
+    slots = settings.expert_cache
+    if slots == "all":
+        slots = all_experts
+    elif slots is None:
         room = 0 if free is None else int((free - fixed.needed_bytes) * (1 - AUTO_MARGIN))
         slots = all_experts if free is None else max(0, min(all_experts, room))
     return MemoryPlan(device, fixed.trunk_bytes, slots, all_experts, fixed.kv_bytes,
