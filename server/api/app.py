@@ -38,21 +38,21 @@ def default_pools_dir(served_name: str) -> Path:
     return cache_root() / "pools" / re.sub(r"[^A-Za-z0-9._-]", "_", served_name)
 
 
-def open_pools(engine: Engine, config: Settings, served_name: str) -> PoolRegistry:
+def open_pools(engine: Engine, settings: Settings, served_name: str) -> PoolRegistry:
     """Load the named pools and make the --pin-pools ones resident. Raises ValueError (with the
     numbers) when the pinned pools cannot fit the device expert cache together."""
     loaded = engine.loaded
-    directory = config.pools_dir or default_pools_dir(served_name)
+    directory = settings.pools_dir or default_pools_dir(served_name)
     pools = PoolRegistry(directory, checkpoint_fingerprint(loaded.checkpoint_dir, loaded.config), served_name)
     pools.load(engine)
-    missing = [name for name in config.pin_pools if name not in pools.records]
+    missing = [name for name in settings.pin_pools if name not in pools.records]
     if missing:
         logger.warning("--pin-pools: no pool named %s in %s yet; each is made resident when "
                        "POST /v1/pools creates it", ", ".join(map(repr, missing)), directory)
-    pinned = [pools.named_pool(pools.records[name]) for name in config.pin_pools if name in pools.records]
+    pinned = [pools.named_pool(pools.records[name]) for name in settings.pin_pools if name in pools.records]
     why = engine.check_resident_fit(pinned)
     if why is not None:
-        raise ValueError(f"--pin-pools {','.join(config.pin_pools)}: {why}")
+        raise ValueError(f"--pin-pools {','.join(settings.pin_pools)}: {why}")
     for pool in pinned:
         engine.pin_pool(pool).result()  # the engine has not started: this runs here and now
     if pinned:
@@ -62,10 +62,10 @@ def open_pools(engine: Engine, config: Settings, served_name: str) -> PoolRegist
 
 def create_app(runtime: Runtime) -> FastAPI:
     """``runtime``'s engine must not be started yet: named pools are pinned before it runs."""
-    engine, config, loaded = runtime.engine, runtime.settings, runtime.loaded
-    names = config.served_model_name or (loaded.checkpoint_dir.name,)
-    state = ServingState(engine=engine, config=config, served_names=names, registry=engine.registry,
-                         model_root=str(loaded.checkpoint_dir), pools=open_pools(engine, config, names[0]))
+    engine, settings, loaded = runtime.engine, runtime.settings, runtime.loaded
+    names = settings.served_model_name or (loaded.checkpoint_dir.name,)
+    state = ServingState(engine=engine, settings=settings, served_names=names, registry=engine.registry,
+                         model_root=str(loaded.checkpoint_dir), pools=open_pools(engine, settings, names[0]))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -76,7 +76,7 @@ def create_app(runtime: Runtime) -> FastAPI:
             yield
         finally:
             # After a signal the drain already ran while uvicorn waited for open connections.
-            grace = 0.0 if state.draining else config.drain_timeout
+            grace = 0.0 if state.draining else settings.drain_timeout
             state.draining = True
             await asyncio.to_thread(runtime.close, grace)
             logger.info("engine stopped")
@@ -85,7 +85,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.state.serving = state
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, metrics=HTTPMetrics(engine.registry))
-    protected = [Depends(bearer_key_checker(config.api_key))]
+    protected = [Depends(bearer_key_checker(settings.api_key))]
     app.include_router(routes_completions.router, dependencies=protected)
     app.include_router(routes_chat.router, dependencies=protected)
     app.include_router(routes_misc.protected, dependencies=protected)

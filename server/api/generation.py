@@ -88,7 +88,7 @@ def check_token_ids(state: ServingState, ids: list[int], param: str) -> None:
 
 
 def check_limits(state: ServingState, body: GenerationFields, num_prompts: int) -> None:
-    cfg = state.config
+    cfg = state.settings
     if body.n * num_prompts > cfg.max_n:
         raise bad_request(f"n x prompts = {body.n * num_prompts} choices is more than this server's "
                           f"limit of {cfg.max_n}", param="n", code="too_many_choices")

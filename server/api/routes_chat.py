@@ -62,7 +62,7 @@ async def chat_prompt(state: ServingState, messages: list[ChatMessage], *,
 @router.post("/v1/chat/completions", response_model=None)
 async def create_chat_completion(request: Request) -> Response:
     state = serving(request)
-    body = await read_body(request, ChatCompletionRequest, state.config.max_body_bytes)
+    body = await read_body(request, ChatCompletionRequest, state.settings.max_body_bytes)
     model, named_pool = state.resolve_generation(body)
     state.ensure_accepting()
     prompt = await chat_prompt(state, body.messages)

@@ -47,7 +47,7 @@ router = APIRouter()
 @router.post("/v1/completions", response_model=None)
 async def create_completion(request: Request) -> Response:
     state = serving(request)
-    body = await read_body(request, CompletionRequest, state.config.max_body_bytes)
+    body = await read_body(request, CompletionRequest, state.settings.max_body_bytes)
     model, named_pool = state.resolve_generation(body)
     state.ensure_accepting()
     prompts = await prompts_from_input(state, body.prompt)

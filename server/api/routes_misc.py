@@ -61,7 +61,7 @@ async def expert_cache(request: Request) -> ExpertCacheInfo:
 @protected.post("/tokenize")
 async def tokenize(request: Request) -> TokenizeResponse:
     state = serving(request)
-    body = await read_body(request, TokenizeRequest, state.config.max_body_bytes)
+    body = await read_body(request, TokenizeRequest, state.settings.max_body_bytes)
     state.resolve_model(body.model)
     if body.messages is not None:
         tokens = (await chat_prompt(state, body.messages,
@@ -75,7 +75,7 @@ async def tokenize(request: Request) -> TokenizeResponse:
 @protected.post("/detokenize")
 async def detokenize(request: Request) -> DetokenizeResponse:
     state = serving(request)
-    body = await read_body(request, DetokenizeRequest, state.config.max_body_bytes)
+    body = await read_body(request, DetokenizeRequest, state.settings.max_body_bytes)
     state.resolve_model(body.model)
     check_token_ids(state, body.tokens, "tokens")
     return DetokenizeResponse(prompt=state.tokenizer.decode(body.tokens))

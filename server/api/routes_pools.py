@@ -54,7 +54,7 @@ def _engine_error(exc: Exception) -> APIError:
 @router.post("/v1/pools")
 async def create_pool(request: Request) -> ExpertPoolObject:
     state = serving(request)
-    body = await read_body(request, PoolCreateRequest, state.config.max_body_bytes)
+    body = await read_body(request, PoolCreateRequest, state.settings.max_body_bytes)
     state.ensure_accepting()
     size = body.size if body.size is not None else state.engine.default_pool
     if size == "full":
@@ -67,7 +67,7 @@ async def create_pool(request: Request) -> ExpertPoolObject:
         raise _engine_error(exc) from None
     record = PoolRecord(body.name, size, experts, now(), len(examples), sum(map(len, examples)))
     async with state.pools_lock:
-        if body.name in state.config.pin_pools:
+        if body.name in state.settings.pin_pools:
             try:
                 await asyncio.wrap_future(state.engine.pin_pool(state.pools.named_pool(record)))
             except (PoolNotResident, EngineShutdown, RequestError) as exc:

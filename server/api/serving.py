@@ -32,7 +32,7 @@ M = TypeVar("M", bound=RequestModel)
 @dataclass
 class ServingState:
     engine: Engine
-    config: Settings
+    settings: Settings
     served_names: tuple[str, ...]
     registry: CollectorRegistry
     model_root: str  # where the weights come from, for /v1/models

@@ -99,24 +99,24 @@ def _signals_end_quietly() -> Iterator[None]:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        config = load_settings(args, os.environ, "serve")
+        settings = load_settings(args, os.environ, "serve")
     except ConfigError as exc:
         print(f"emo-serve serve: {exc}", file=sys.stderr)
         return 2
-    configure_logging(config.log_level)
-    log.info("settings: %r", config)  # api_key is not part of the repr
+    configure_logging(settings.log_level)
+    log.info("settings: %r", settings)  # api_key is not part of the repr
     try:
-        app = build_app(config)
+        app = build_app(settings)
     except PlanError as exc:
         log.error("refusing to start: %s", exc)
         return 1
     except (ValueError, OSError) as exc:  # CheckpointError is a ValueError
         log.error("cannot start: %s", exc)
         return 1
-    uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_config=None,
-                               access_log=False, log_level=config.log_level,
-                               timeout_graceful_shutdown=int(config.drain_timeout) + 5)
-    server = DrainingServer(uv_config, app, config.drain_timeout)
+    uv_config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
+                               access_log=False, log_level=settings.log_level,
+                               timeout_graceful_shutdown=int(settings.drain_timeout) + 5)
+    server = DrainingServer(uv_config, app, settings.drain_timeout)
     with _signals_end_quietly():
         server.run()
     return 0 if server.started and not server.engine_died else 1

@@ -78,7 +78,7 @@ class RecallResult:
 
 def measure_prefetch_recall(
     model_dir: Path, *, pool_size: int | None = None, prompts_per_domain: int = 4, prompt_words: int = 48,
-    seed: int = 0, device: str = "cpu",
+    seed: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
 ) -> RecallResult:
     recorder: list[RecordingStore] = []
 
@@ -86,7 +86,7 @@ def measure_prefetch_recall(
         recorder.append(RecordingStore(ResidentExpertStore(catalog, torch.device(device))))
         return recorder[-1]
 
-    loaded = load_model(model_dir, device=device, dtype=torch.float32, expert_store_factory=factory)
+    loaded = load_model(model_dir, device=device, dtype=dtype, expert_store_factory=factory)
     store, config = recorder[0], loaded.config
     size = pool_size or config.default_pool_size()
     if size is None:

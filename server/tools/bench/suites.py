@@ -1,6 +1,7 @@
 """The `emo-serve bench` suites, one per subcommand (server/cli/bench.py wires them in).
 
     emo-serve bench cache --model DIR [--experts 512] [--device cuda|cpu]
+    emo-serve bench prefetch --model DIR [--pool-size N] [--device auto] [--dtype auto]
     emo-serve bench arrivals [--model DIR] [--streams 4] [--arrivals 3] [--disk-gbps G]
 
 To add a suite, write ``_add_<name>(parser)`` and ``_run_<name>(args) -> int`` (import heavy
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -22,6 +24,13 @@ class Suite:
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
+
+
+def _add_settings(parser: argparse.ArgumentParser) -> None:
+    """--device, --dtype and --log-level from the one settings table, as serve reads them."""
+    from server.runtime.settings import add_arguments as add_settings_arguments
+
+    add_settings_arguments(parser, "bench")
 
 
 def _default_device() -> str:
@@ -98,15 +107,21 @@ def _add_prefetch(parser: argparse.ArgumentParser) -> None:
                         help="a checkpoint with planted domains (from `emo-serve synth`)")
     parser.add_argument("--pool-size", type=int, default=None, help="default: the model's default pool")
     parser.add_argument("--prompts-per-domain", type=int, default=4)
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    _add_settings(parser)
 
 
 def _run_prefetch(args: argparse.Namespace) -> int:
+    from expert_cache.errors import CheckpointError
+    from server.runtime.settings import ConfigError, load_settings, resolved_placement
     from server.tools.bench.prefetch_recall import measure_prefetch_recall
 
-    result = measure_prefetch_recall(
-        args.model, pool_size=args.pool_size, prompts_per_domain=args.prompts_per_domain, device=args.device
-    )
+    try:
+        device, dtype = resolved_placement(load_settings(args, os.environ, "bench"))
+        result = measure_prefetch_recall(args.model, pool_size=args.pool_size, device=device, dtype=dtype,
+                                         prompts_per_domain=args.prompts_per_domain)
+    except (ConfigError, ValueError, CheckpointError, OSError) as e:
+        print(f"emo-serve bench prefetch: error: {e}", file=sys.stderr)
+        return 2
     print(result.table())
     return 0
 
