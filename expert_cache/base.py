@@ -168,10 +168,12 @@ class ExpertStore(ABC):
       a caller can charge a request exactly the traffic it caused while loader threads run);
       ``tier_of(key)`` says where a load of ``key`` would come from now.
     - ``close()`` ends the store's life: it stops its background work (a loader thread) and
-      takes its metrics off their registry. Call it once, when nothing will ask the store for
-      experts any more (after the engine has stopped); no method may be called after it. Slab
-      tensors already handed out stay readable. The default does nothing, which suits stores
-      that start no threads and register no metrics (``ResidentExpertStore``).
+      takes its metrics off their registry. Call it when nothing will ask the store for experts
+      any more (after the engine has stopped); no other method may be called after it. It may be
+      called more than once (a ``with`` block and a shutdown path may both close): calls after
+      the first do nothing. Slab tensors already handed out stay readable. The default does
+      nothing, which suits stores that start no threads and register no metrics
+      (``ResidentExpertStore``).
     """
 
     lock: threading.RLock
@@ -226,4 +228,5 @@ class ExpertStore(ABC):
         return "device" if self.is_resident(key) else "disk"
 
     def close(self) -> None:  # noqa: B027 (a deliberate no-op default: see the contract)
-        """Stop background work and unregister metrics (see the contract); default: nothing."""
+        """Stop background work and unregister metrics; idempotent (see the contract). Default:
+        nothing."""

@@ -97,6 +97,7 @@ class TieredExpertCache(ExpertStore):
         )
         self._residency = Residency(self._device, self._loader, self._cond, self._tally, load_timeout_s)
         self._prefetcher = Prefetcher(self._prefetch_now) if background_prefetch else None
+        self._closed = False
 
     # -- ExpertStore -------------------------------------------------------------------------
     def slab(self, layer: int) -> dict[str, torch.Tensor]:
@@ -226,7 +227,11 @@ class TieredExpertCache(ExpertStore):
             return self._device.tables[self._group_of_layer(layer)].lru_order()
 
     def close(self) -> None:
-        """Stop the loader thread and take the metrics off the registry."""
+        """Stop the loader thread and take the metrics off the registry; later calls do nothing."""
+        with self.lock:  # the flag only: joining the loader under the lock could deadlock with it
+            if self._closed:
+                return
+            self._closed = True
         if self._prefetcher is not None:
             self._prefetcher.close()
         self._metrics.unregister()

@@ -46,6 +46,9 @@ def load_part(chunks: Sequence[TensorChunk], part: PartSpec, dtype: torch.dtype)
 
 
 class ResidentExpertStore(ExpertStore):
+    """Every expert in its own slot from construction on. It starts no thread and registers no
+    metrics, so it keeps the contract's ``close()``: a no-op, safe to call any number of times."""
+
     def __init__(self, catalog: ExpertCatalog, device: torch.device | str) -> None:
         self.lock = threading.RLock()
         self.catalog, self.device = catalog, torch.device(device)

@@ -8,7 +8,7 @@ stream chunks is present (null) only when the client asked for it with stream_op
 from __future__ import annotations
 
 import time
-from typing import Any, ClassVar, Literal, TypedDict
+from typing import Any, ClassVar, Generic, Literal, TypedDict, TypeVar
 
 from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 
@@ -64,6 +64,27 @@ class UsageInfo(ResponseModel):
     expert_cache_bytes_loaded: int | None = None
 
 
+ChoiceT = TypeVar("ChoiceT", bound=BaseModel)
+
+
+class CompletionBody(ResponseModel, Generic[ChoiceT]):
+    """The fields of every completion and chat completion body, whole or a stream chunk, in
+    OpenAI's order. Subclasses narrow ``object``, ``created`` and ``usage``; a field a subclass
+    declares again keeps its place here, so the JSON's key order is this one."""
+
+    omit_if_none = frozenset({"expert_pool"})
+
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list[ChoiceT]
+    usage: UsageInfo | None = None
+    system_fingerprint: str | None = None
+    # extension: choice 0's pool (on a stream's last chunk)
+    expert_pool: ExpertPoolInfo | None = None
+
+
 # ---- /v1/completions ----
 class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
@@ -82,30 +103,13 @@ class CompletionChoice(ResponseModel):
     expert_pool: ExpertPoolInfo | None = None  # extension (streamed: with the first token, and last)
 
 
-class CompletionResponse(ResponseModel):
-    omit_if_none = frozenset({"expert_pool"})
-
-    id: str
+class CompletionResponse(CompletionBody[CompletionChoice]):
     object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=now)
-    model: str
-    choices: list[CompletionChoice]
-    usage: UsageInfo | None = None
-    system_fingerprint: str | None = None
-    expert_pool: ExpertPoolInfo | None = None  # extension: choice 0's pool
 
 
-class CompletionChunk(ResponseModel):
-    omit_if_none = frozenset({"expert_pool"})
-
-    id: str
+class CompletionChunk(CompletionBody[CompletionChoice]):
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: UsageInfo | None = None
-    system_fingerprint: str | None = None
-    expert_pool: ExpertPoolInfo | None = None  # extension: on the last chunk
 
 
 # ---- /v1/chat/completions ----
@@ -140,17 +144,10 @@ class ChatChoice(ResponseModel):
     expert_pool: ExpertPoolInfo | None = None  # extension
 
 
-class ChatCompletionResponse(ResponseModel):
-    omit_if_none = frozenset({"expert_pool"})
-
-    id: str
+class ChatCompletionResponse(CompletionBody[ChatChoice]):
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=now)
-    model: str
-    choices: list[ChatChoice]
     usage: UsageInfo
-    system_fingerprint: str | None = None
-    expert_pool: ExpertPoolInfo | None = None  # extension: choice 0's pool
 
 
 class DeltaMessage(ResponseModel):
@@ -170,17 +167,8 @@ class ChatChunkChoice(ResponseModel):
     expert_pool: ExpertPoolInfo | None = None  # extension (streamed: with the first token, and last)
 
 
-class ChatCompletionChunk(ResponseModel):
-    omit_if_none = frozenset({"expert_pool"})
-
-    id: str
+class ChatCompletionChunk(CompletionBody[ChatChunkChoice]):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChatChunkChoice]
-    usage: UsageInfo | None = None
-    system_fingerprint: str | None = None
-    expert_pool: ExpertPoolInfo | None = None  # extension: on the last chunk
 
 
 # ---- other routes ----

@@ -77,6 +77,14 @@ def run(args: argparse.Namespace) -> int:
     return _evaluate(args)
 
 
+def _checkpoint(given: Path | None, flag: str) -> Path | None:
+    """``given``, else the shipped demo checkpoint; None, having said why on stderr, when neither."""
+    found = given or demo_model_dir()
+    if found is None:
+        print(f"error: no {flag} given and no demo checkpoint is shipped in this install", file=sys.stderr)
+    return found
+
+
 def _build_corpus(args: argparse.Namespace) -> int:
     from server.tools.demo.corpus import Roots, build_corpus
     from server.tools.demo.corpus.document import Limits
@@ -134,9 +142,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from server.tools.demo.evaluate import EvalConfig
     from server.tools.demo.report import run_evaluation
 
-    emo = args.emo or demo_model_dir()
+    emo = _checkpoint(args.emo, "--emo")
     if emo is None:
-        print("error: no --emo given and no demo checkpoint is shipped in this install", file=sys.stderr)
         return 2
     evaluation = run_evaluation(emo, args.baseline, args.corpus, args.out, EvalConfig(max_len=args.max_len))
     print(evaluation.markdown())
@@ -147,9 +154,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     from server.tools.demo.samples import domain_samples, samples_markdown
 
-    model = args.model or demo_model_dir()
+    model = _checkpoint(args.model, "--model")
     if model is None:
-        print("error: no --model given and no demo checkpoint is shipped in this install", file=sys.stderr)
         return 2
     print(samples_markdown(domain_samples(model, args.corpus, max_new_tokens=args.max_new_tokens)))
     return 0
@@ -161,9 +167,8 @@ def _named_pools(args: argparse.Namespace) -> int:
     from server.tools.demo.evaluate import EvalConfig
     from server.tools.demo.named_pool_eval import run_named_pool_evaluation
 
-    model = args.model or demo_model_dir()
+    model = _checkpoint(args.model, "--model")
     if model is None:
-        print("error: no --model given and no demo checkpoint is shipped in this install", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
 

@@ -220,8 +220,13 @@ class ModelConfig:
     def default_pool_size(self) -> int | None:
         if self.pool_fraction is None or not self.moe_layers:
             return None
-        low, high = self.pool_bounds()
-        return min(high, max(low, math.ceil(high * self.pool_fraction)))
+        return fraction_pool_size(self.pool_fraction, *self.pool_bounds())
+
+
+def fraction_pool_size(fraction: float, smallest: int, largest: int) -> int:
+    """A pool of ``fraction`` of the routable experts (``largest``), rounded up and kept within
+    the valid sizes [smallest, largest] (see ``ModelConfig.pool_bounds``)."""
+    return min(largest, max(smallest, math.ceil(largest * fraction)))
 
 
 def load_config(checkpoint_dir: Path) -> ModelConfig:

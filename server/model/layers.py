@@ -24,11 +24,17 @@ class RMSNorm(nn.Module):
         self.weight, self.eps = frozen(weight), eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # F.rms_norm computes exactly x * rsqrt(mean(x^2) + eps) (* w): one op instead of eight
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        normed = F.rms_norm(x.float(), self.weight.shape, None, self.eps)
-        return self.weight * normed.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``RMSNorm`` as a function of its weight, so that the demo trainer (trainable weights)
+    computes exactly what serving computes."""
+    # F.rms_norm computes exactly x * rsqrt(mean(x^2) + eps) (* w): one op instead of eight
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)
+    normed = F.rms_norm(x.float(), weight.shape, None, eps)
+    return weight * normed.to(x.dtype)
 
 
 class SwiGLU(nn.Module):

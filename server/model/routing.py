@@ -65,8 +65,8 @@ def pick_routes(masked: torch.Tensor, spec: LayerRouting, always: torch.Tensor |
     fixed experts unmasked). ``always``: ``spec.always_active`` as int64 on the logits' device."""
     E, S, k = spec.num_experts, spec.num_shared, spec.num_routed
     if S > 0:
-        weights, ids = torch.topk(torch.softmax(masked[:, : E - S], dim=-1), k, dim=-1)  # [T, k]
-        return Routes(ids, weights, torch.softmax(masked[:, E - S:], dim=-1))
+        _, weights, ids, shared_weights = shared_expert_routes(masked[:, : E - S], masked[:, E - S:], k)
+        return Routes(ids, weights, shared_weights)
     if spec.always_active:
         assert always is not None, "always-active routing needs the index of those experts"
         p = torch.softmax(masked, dim=-1)  # [T, E]
@@ -76,6 +76,21 @@ def pick_routes(masked: torch.Tensor, spec: LayerRouting, always: torch.Tensor |
     if spec.norm_topk_prob:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return Routes(ids, weights, masked.new_zeros(masked.shape[0], 0))
+
+
+def shared_expert_routes(
+    routable: torch.Tensor, shared: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """EMO's routing with shared experts, from float32 logits the pool was already applied to:
+    routable [T, R] (-inf outside the pool), shared [T, S].
+
+    Returns probs [T, R] (the softmax over the routable experts; the demo trainer's balancing
+    loss reads it), weights and ids [T, k] (the top k of probs, not renormalised) and the shared
+    experts' weights softmax(shared) [T, S].
+    """
+    probs = torch.softmax(routable, dim=-1)
+    weights, ids = torch.topk(probs, k, dim=-1)
+    return probs, weights, ids, torch.softmax(shared, dim=-1)
 
 
 @lru_cache(maxsize=256)

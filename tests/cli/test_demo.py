@@ -137,3 +137,25 @@ def test_demo_pipeline(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
         == 0
     )
     assert "layer 0:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["evaluate", "--baseline", "b", "--corpus", "c", "--out", "o"], "--emo"),
+        (["sample", "--corpus", "c"], "--model"),
+        (["named-pools", "--corpus", "c"], "--model"),
+    ],
+)
+def test_without_a_shipped_checkpoint_the_default_is_refused_by_name(
+    argv: list[str], flag: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An install without the demo checkpoint (a wheel built without package data) is what
+    demo_model_dir() answers None for; each step then names the flag to give instead."""
+    import server.cli.demo
+
+    monkeypatch.setattr(server.cli.demo, "demo_model_dir", lambda: None)
+    assert main(["demo", *argv]) == 2
+    assert capsys.readouterr().err == (
+        f"error: no {flag} given and no demo checkpoint is shipped in this install\n"
+    )

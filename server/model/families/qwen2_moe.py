@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from server.model.config import ModelConfig
-from server.model.families._common import common_fields, get_bool, get_int, sparse_layers, with_defaults
-from server.model.families.qwen3_moe import num_experts_field
+from server.model.families._common import get_bool, get_int, with_defaults
+from server.model.families.qwen3_moe import qwen_moe_fields
 
 # Qwen2MoeConfig's defaults (transformers 5)
 DEFAULTS: dict[str, Any] = {
@@ -22,17 +22,9 @@ DEFAULTS: dict[str, Any] = {
 
 def parse(raw: dict[str, Any]) -> ModelConfig:
     raw = with_defaults(raw, DEFAULTS)
-    base = common_fields(raw)
-    E = num_experts_field(raw)
-    moe = sparse_layers(raw, base["num_layers"], E)
     return ModelConfig(
         family="qwen2_moe",
-        **base,
-        intermediate_size=get_int(raw, "moe_intermediate_size"),
-        top_k=get_int(raw, "num_experts_per_tok"),
-        num_experts=tuple(E if m else 0 for m in moe),
-        norm_topk_prob=get_bool(raw, "norm_topk_prob", False),
-        dense_intermediate_size=get_int(raw, "intermediate_size"),
+        **qwen_moe_fields(raw),
         qkv_bias=get_bool(raw, "qkv_bias", True),
         shared_mlp_size=get_int(raw, "shared_expert_intermediate_size", 0) or 0,
     )

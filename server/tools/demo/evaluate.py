@@ -8,7 +8,6 @@ prompt, so the five numbers of a domain are over exactly the same targets.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -16,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
+from server.model.config import fraction_pool_size
 from server.tools.demo.corpus import DOMAINS, Document
 from server.tools.demo.train.model import EmoForTraining
 from server.tools.demo.train.plan import RoutePlan
@@ -39,7 +39,8 @@ class EvalConfig:
             raise ValueError("EvalConfig.pool_fraction must be in (0, 1]")
 
     def pool_size(self, routable: int, routed: int) -> int:
-        return max(math.ceil(routable * self.pool_fraction), routed)
+        """The serving rule (ModelConfig.default_pool_size) with this config's fraction."""
+        return fraction_pool_size(self.pool_fraction, routed, routable)
 
 
 @dataclass(frozen=True)

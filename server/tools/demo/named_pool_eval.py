@@ -77,8 +77,7 @@ class Scorer:
 
 def evaluate_named_pools(loaded: LoadedModel, docs: Sequence[HeldOutDoc], cfg: EvalConfig,
                          progress: Callable[[int, int], None] | None = None) -> dict[str, DomainLosses]:
-    routable = min(len(loaded.config.routable_experts(layer)) for layer in loaded.config.moe_layers)
-    routed = max(loaded.config.num_routed(layer) for layer in loaded.config.moe_layers)
+    routed, routable = loaded.config.pool_bounds()
     size = cfg.pool_size(routable, routed)
     scorer = Scorer(loaded, cfg.max_len)
     by_domain = {d: [doc for doc in docs if doc.domain == d] for d in DOMAINS}
@@ -160,8 +159,8 @@ def run_named_pool_evaluation(model_dir: Path, corpus: Path, out: Path | None, c
     loaded = load_model(model_dir, device="cpu", dtype=torch.float32)
     results = evaluate_named_pools(loaded, docs, cfg, progress)
     mc = loaded.config
-    routable = min(len(mc.routable_experts(layer)) for layer in mc.moe_layers)
-    size = cfg.pool_size(routable, max(mc.num_routed(layer) for layer in mc.moe_layers))
+    routed, routable = mc.pool_bounds()
+    size = cfg.pool_size(routable, routed)
     table = markdown(results, size, routable, cfg.prefix)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

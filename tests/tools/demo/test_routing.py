@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from server.tools.demo.train.config import DemoModelConfig
 from server.tools.demo.train.model import MoE
 from server.tools.demo.train.plan import RoutePlan
 from server.tools.demo.train.routing import load_balancing_loss, route_tokens, segment_pools
+from server.tools.demo.train.run import PRESETS
 
 
 def naive_pools(probs: torch.Tensor, seg: list[int], sizes: list[int], voters: list[bool]) -> torch.Tensor:
@@ -56,16 +56,7 @@ def test_route_tokens_masks_before_softmax_and_topk() -> None:
 
 def test_moe_routes_each_token_inside_its_documents_pool() -> None:
     torch.manual_seed(0)
-    c = DemoModelConfig(
-        vocab_size=64,
-        hidden_size=16,
-        num_layers=1,
-        num_heads=2,
-        num_kv_heads=2,
-        intermediate_size=8,
-        num_experts=9,
-        top_k=3,
-    )
+    c = PRESETS["smoke"]  # 8 routable experts and a shared one, 2 routed per token
     moe = MoE(c)
     torch.nn.init.normal_(moe.gate.weight)
     torch.nn.init.normal_(moe.gate_up, std=0.1)
@@ -73,7 +64,7 @@ def test_moe_routes_each_token_inside_its_documents_pool() -> None:
     segments = torch.tensor([[0] * 5 + [1] * 7, [0] * 12])
     plan = RoutePlan.from_segments(segments, torch.ones_like(segments, dtype=torch.bool))
     plan.pool_sizes = torch.tensor([[3, 2, 4]])
-    x = torch.randn(24, 16)
+    x = torch.randn(24, c.hidden_size)
     moe(x, plan, 0)
     pools = plan.chosen_pools[0]
     logits = moe.gate(x)

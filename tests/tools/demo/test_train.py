@@ -209,3 +209,36 @@ def test_load_checkpoint_reads_config_json_with_the_serving_parser(tmp_path: Pat
     (tmp_path / "config.json").write_text(json.dumps(raw | {"num_hidden_layers": 0}))
     with pytest.raises(ValueError, match=r"config\.json: .*num_layers"):  # a CheckpointError
         load_checkpoint(tmp_path)
+
+
+SHIPPED_EXPECTATIONS = Path(__file__).parent / "shipped_expectations.json"
+
+
+@pytest.mark.parametrize("name", ["code", "licence", "manpage"])
+def test_trainer_on_the_shipped_checkpoint_computes_what_serving_recorded(name: str) -> None:
+    """The trainer's forward (eval, fp32) on the shipped weights, the pool voted by the prompt:
+    the pools and greedy continuation serving recorded (test_shipped.py) and serving's prefill
+    logits. The trainer computes norms, RoPE, experts and routing with serving's functions; this
+    pins that it still computes what its own copies did (smallest top-2 margin 0.0055, largest
+    logit difference to serving 8e-6 when written)."""
+    from server.model.kv_cache import KVCache
+    from server.model.loader import load_model
+
+    shipped = demo_model_dir()
+    assert shipped is not None
+    expected = json.loads(SHIPPED_EXPECTATIONS.read_text())[name]
+    prompt, size = expected["prompt_ids"], expected["pool_size"]
+    model = load_checkpoint(shipped).eval()
+    ids = torch.tensor(prompt + expected["token_ids"])[None]  # [1, T]
+    plan = RoutePlan.from_segments(torch.zeros_like(ids), torch.ones_like(ids, dtype=torch.bool))
+    plan.pool_sizes = torch.full((model.config.num_layers, 1), size)
+    plan.score_mask = torch.arange(ids.shape[1]) < len(prompt)  # the prompt chooses the pool
+    with torch.no_grad():
+        logits, _ = model(ids, plan)
+    assert [p[0].nonzero().flatten().tolist() for p in plan.chosen_pools] == expected["pools"]
+    assert logits[0, len(prompt) - 1 : -1].argmax(-1).tolist() == expected["token_ids"]
+    serving = load_model(shipped, device="cpu", dtype=torch.float32)
+    kv = KVCache(serving.config, 1, len(prompt), "cpu", torch.float32)
+    with torch.no_grad():
+        out = serving.model.prefill(torch.tensor(prompt), kv, 0, pool_size=size, all_logits=True)
+    assert torch.allclose(logits[0, : len(prompt)], out.logits, atol=1e-4)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -56,10 +55,6 @@ class DemoModelConfig:
     @property
     def num_routed(self) -> int:
         return self.top_k - self.num_shared_experts
-
-    def default_pool_size(self) -> int:
-        """25% of the routable experts, as the serving default (never below the routed count)."""
-        return max(math.ceil(self.routable_experts / 4), self.num_routed)
 
     def hf_config(self, *, eos_token_id: int, pad_token_id: int, bos_token_id: int | None) -> dict[str, Any]:
         return {

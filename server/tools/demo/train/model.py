@@ -3,6 +3,12 @@
 Pre-norm layers: h = x + attn(n1(x)); y = h + moe(n2(h)). RMSNorm in fp32, RoPE rotate_half,
 causal attention restricted to each token's own document (segment). Experts are stored stacked
 ([E, 2I, H] gate+up rows, [E, H, I] down) and written per expert by `hf_state_dict`.
+
+The arithmetic shared with serving is serving's own: RMSNorm, the RoPE tables and rotation, one
+expert's SwiGLU and the shared-expert routing come from server/model. The modules here differ
+where training needs it: trainable parameters (serving's modules hold frozen, fused weights),
+attention masked to each document of a packed row with no KV cache, expert compute that keeps
+per-expert gradients apart, and per-document pools of random size (routing.py).
 """
 
 from __future__ import annotations
@@ -13,6 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from server.model.config import RopeConfig
+from server.model.layers import expert_forward, rms_norm
+from server.model.rope import RotaryEmbedding, apply_rope
 from server.tools.demo.train.config import DemoModelConfig
 from server.tools.demo.train.plan import RoutePlan
 from server.tools.demo.train.routing import load_balancing_loss, route_tokens, segment_pools
@@ -24,22 +33,14 @@ class RMSNorm(nn.Module):
         self.weight, self.eps = nn.Parameter(torch.ones(size)), eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
-def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions [B, T] -> cos, sin [B, T, 1, D] (fp32)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
-    freqs = positions.float()[..., None] * inv_freq  # [B, T, D/2]
-    emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
-    return emb.cos(), emb.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, heads, D]; cos, sin [B*T, D] fp32 -> x rotated, in x's dtype (bf16 under autocast:
+    serving's apply_rope computes in fp32 then)."""
+    B, T, heads, D = x.shape
+    return apply_rope(x.reshape(B * T, heads, D), cos, sin).view(B, T, heads, D).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -56,8 +57,8 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.shape
         c = self.c
-        q = apply_rope(self.q_proj(x).view(B, T, c.num_heads, c.head_dim), *rope)
-        k = apply_rope(self.k_proj(x).view(B, T, c.num_kv_heads, c.head_dim), *rope)
+        q = rotate(self.q_proj(x).view(B, T, c.num_heads, c.head_dim), *rope)
+        k = rotate(self.k_proj(x).view(B, T, c.num_kv_heads, c.head_dim), *rope)
         v = self.v_proj(x).view(B, T, c.num_kv_heads, c.head_dim)
         repeat = c.num_heads // c.num_kv_heads
         k, v = k.repeat_interleave(repeat, dim=2), v.repeat_interleave(repeat, dim=2)
@@ -83,8 +84,7 @@ def experts_forward(
     gate_ups, downs = gate_up.unbind(0), down.unbind(0)
     for expert, rows in enumerate(torch.split(x[tokens], counts)):
         if counts[expert]:
-            gate, up = F.linear(rows, gate_ups[expert]).chunk(2, dim=-1)  # [n, I] each
-            outputs.append(F.linear(F.silu(gate) * up, downs[expert]))
+            outputs.append(expert_forward(rows, gate_ups[expert], downs[expert]))
     ys = torch.cat(outputs) * weights.reshape(-1)[order, None].to(x.dtype)
     return torch.zeros_like(x).index_add_(0, tokens, ys)
 
@@ -112,8 +112,8 @@ class MoE(nn.Module):
         ids, weights, probs, shared_w = route_tokens(logits, c.num_shared_experts, c.num_routed, allowed)
         y = experts_forward(x, ids, weights, self.gate_up[:R], self.down[:R])
         for s in range(c.num_shared_experts):
-            gate, up = F.linear(x, self.gate_up[R + s]).chunk(2, dim=-1)
-            y = y + shared_w[:, s : s + 1].to(x.dtype) * F.linear(F.silu(gate) * up, self.down[R + s])
+            shared = expert_forward(x, self.gate_up[R + s], self.down[R + s])
+            y = y + shared_w[:, s : s + 1].to(x.dtype) * shared
         return y, load_balancing_loss(probs, ids, plan.valid)
 
 
@@ -140,6 +140,8 @@ class EmoForTraining(nn.Module):
         self.config = c
         self.model = Trunk(c)
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        # serving's tables (a non-persistent buffer: no parameter, no checkpoint tensor)
+        self.rotary = RotaryEmbedding(RopeConfig(theta=c.rope_theta), c.head_dim, c.max_position_embeddings)
 
     def init_weights(self, seed: int) -> None:
         generator = torch.Generator().manual_seed(seed)
@@ -156,7 +158,8 @@ class EmoForTraining(nn.Module):
         c = self.config
         B, T = input_ids.shape
         x = self.model.embed_tokens(input_ids)
-        rope = rope_tables(plan.positions, c.head_dim, c.rope_theta)
+        positions = plan.positions.reshape(-1)  # [B*T], each token's place in its document
+        rope = self.rotary(positions, positions + 1, torch.float32)  # cos, sin [B*T, D]
         seg = plan.seg.view(B, T)
         causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
         mask = ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]  # [B, 1, T, T]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from server.model.routing import shared_expert_routes
+
 
 def segment_pools(
     probs: torch.Tensor,
@@ -46,12 +48,11 @@ def route_tokens(
     renormalised), probs [N, R] the masked softmax, shared_weights [N, S].
     """
     logits = logits.float()
-    routable = logits[:, : logits.shape[1] - num_shared]  # [N, R]
+    R = logits.shape[1] - num_shared
+    routable = logits[:, :R]  # [N, R]
     if allowed is not None:
         routable = routable.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(routable, dim=-1)
-    weights, ids = torch.topk(probs, num_routed, dim=-1)
-    shared_weights = torch.softmax(logits[:, logits.shape[1] - num_shared :], dim=-1)
+    probs, weights, ids, shared_weights = shared_expert_routes(routable, logits[:, R:], num_routed)
     return ids, weights, probs, shared_weights
 
 
