@@ -80,6 +80,9 @@ class Engine:
             if num_slots < 1:
                 raise ValueError(f"EngineConfig.kv_cache_bytes: {config.kv_cache_bytes} bytes hold no KV "
                                  f"slot of {self._max_model_len} tokens ({per_slot} bytes each)")
+        if config.pool_size not in (None, "full"):
+            # refused before any metric is registered: a failed start leaves the registry as it was
+            mc.validate_pool_size(int(config.pool_size))
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = EngineMetrics(self.registry, device)
         runner = ModelRunner(loaded, num_slots, self._max_model_len, kv_dtype)
