@@ -2,7 +2,8 @@
 
 Order: config -> tokenizer -> safetensors headers -> every expected tensor's presence, shape
 and dtype -> catalog -> trunk read into CPU memory -> expert store -> trunk moved to device.
-Any error before the store is created leaves nothing allocated on the device.
+Any error before the store is created leaves nothing allocated on the device; an error after
+it closes the store.
 """
 
 from __future__ import annotations
@@ -108,7 +109,11 @@ def load_model(
     catalog = build_catalog(config, index, weights_dtype)
     trunk = read_trunk(config, index, weights_dtype)  # host memory only
     store = (expert_store_factory or (lambda c: ResidentExpertStore(c, dev)))(catalog)
-    model = MoETransformer(config, {k: v.to(dev) for k, v in trunk.items()}, store)
+    try:
+        model = MoETransformer(config, {k: v.to(dev) for k, v in trunk.items()}, store)
+    except BaseException:
+        store.close()  # e.g. the trunk does not fit the device: stop the store's threads too
+        raise
     model.eval()
     return LoadedModel(
         model=model,

@@ -99,9 +99,13 @@ def open_engine(settings: Settings, *, start: bool = True, registry: CollectorRe
                                   host_budget_bytes=plan.host_cache_bytes, registry=registry,
                                   load_timeout_s=settings.engine.expert_load_timeout,
                                   before_disk_read=before_disk_read)
-        # pin the host tier now: pinning GiB-sized blocks lazily would stall the first
-        # requests on the engine thread
-        store.allocate_host_tier()
+        try:
+            # pin the host tier now: pinning GiB-sized blocks lazily would stall the first
+            # requests on the engine thread
+            store.allocate_host_tier()
+        except BaseException:
+            store.close()
+            raise
         return store
 
     loaded = load_model(settings.model, device=device, dtype=dtype, expert_store_factory=make_store)
