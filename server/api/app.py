@@ -83,6 +83,7 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     app = FastAPI(title="emo-serve", version=routes_misc.package_version(), lifespan=lifespan)
     app.state.serving = state
+    app.state.runtime = runtime  # the engine with its store and settings, for whoever holds only the app
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, metrics=HTTPMetrics(engine.registry))
     protected = [Depends(bearer_key_checker(settings.api_key))]

@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from expert_cache.base import ExpertStore
 from server.cli.serve import build_app
 from server.engine.engine import Engine
+from server.runtime import Runtime
 from server.runtime.settings import Settings, settings_of
 
 LOOPBACK = "127.0.0.1"
@@ -39,18 +40,22 @@ class LiveServer:
     server: uvicorn.Server
 
     @property
+    def runtime(self) -> Runtime:
+        runtime = self.app.state.runtime
+        assert isinstance(runtime, Runtime)
+        return runtime
+
+    @property
     def engine(self) -> Engine:
-        engine = self.app.state.serving.engine
-        assert isinstance(engine, Engine)
-        return engine
+        return self.runtime.engine
 
     @property
     def store(self) -> ExpertStore:
-        return self.engine.loaded.model.expert_store
+        return self.runtime.store
 
     @property
     def registry(self) -> CollectorRegistry:
-        return self.engine.registry
+        return self.runtime.registry
 
     def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
         value = self.registry.get_sample_value(name, labels or {})
