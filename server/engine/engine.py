@@ -114,8 +114,7 @@ class Engine:
         pool = self.config.pool_size
         if pool is None:
             pool = self.loaded.config.default_pool_size() or "full"
-        if pool != "full":
-            self.loaded.config.validate_pool_size(pool)
+        if pool != "full":  # an explicit size was validated in __init__, the model's is valid
             why = self._core.budget.misfit(int(pool))
             if why is not None:  # explicit smaller pools and "full" still work: warn, not fail
                 log.warning("default expert pool cannot be served, requests without expert_pool "

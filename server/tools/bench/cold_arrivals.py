@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -28,11 +27,9 @@ import torch
 from expert_cache.base import ExpertKey, ExpertStore
 from server.engine.config import EngineConfig
 from server.engine.request import GenerationRequest
-from server.logs import configure as configure_logging
 from server.model.dtypes import DTYPE_NAMES, short_name
 from server.runtime import Settings, open_engine
-from server.runtime.settings import add_arguments as add_settings_arguments
-from server.runtime.settings import load_settings, resolved_placement
+from server.tools.bench.placement import add_placement_arguments, placement
 from server.tools.bench.tiers import experts_per_layer, header_catalog, tier_budget, whole_host_budget
 from server.tools.bench.workload import Recorder, Track, domain_prompt, greedy
 from server.tools.synth import DOMAINS
@@ -237,7 +234,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", default="async,blocking", help="async and/or blocking (default both)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default torch's; 1 on a machine shared with other work)")
-    add_settings_arguments(parser, "bench")
+    add_placement_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -252,9 +249,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
     try:
-        settings = load_settings(args, os.environ, "bench")
-        configure_logging(settings.log_level)
-        device, dtype = resolved_placement(settings)
+        device, dtype = placement(args)
         gpu = device.type == "cuda"
         model_dir = args.model
         if model_dir is None:

@@ -11,15 +11,12 @@ Defaults follow the device: on CUDA a synthetic emo-1b14b checkpoint, bf16, 512-
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-from server.logs import configure as configure_logging
 from server.model.dtypes import short_name
-from server.runtime.settings import add_arguments as add_settings_arguments
-from server.runtime.settings import load_settings, resolved_placement
 from server.tools.bench.config import CPU_PRESET, GPU_PRESET
+from server.tools.bench.placement import add_placement_arguments, placement
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -69,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-fullgraph", action="store_true",
                         help="skip compiling the decode step with fullgraph=True "
                              "(decode_step.fullgraph null)")
-    add_settings_arguments(parser, "bench")
+    add_placement_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,9 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from server.tools.bench.run import run_decode_bench
 
     try:
-        settings = load_settings(args, os.environ, "bench")
-        configure_logging(settings.log_level)
-        device, dtype = resolved_placement(settings)
+        device, dtype = placement(args)
         gpu = device.type == "cuda"
         cfg = DecodeBenchConfig(
             out_dir=args.out, device=str(device), dtype=short_name(dtype),

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -24,13 +23,6 @@ class Suite:
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
-
-
-def _add_settings(parser: argparse.ArgumentParser) -> None:
-    """--device, --dtype and --log-level from the one settings table, as serve reads them."""
-    from server.runtime.settings import add_arguments as add_settings_arguments
-
-    add_settings_arguments(parser, "bench")
 
 
 def _default_device() -> str:
@@ -107,19 +99,21 @@ def _add_prefetch(parser: argparse.ArgumentParser) -> None:
                         help="a checkpoint with planted domains (from `emo-serve synth`)")
     parser.add_argument("--pool-size", type=int, default=None, help="default: the model's default pool")
     parser.add_argument("--prompts-per-domain", type=int, default=4)
-    _add_settings(parser)
+    from server.tools.bench.placement import add_placement_arguments
+
+    add_placement_arguments(parser)
 
 
 def _run_prefetch(args: argparse.Namespace) -> int:
     from expert_cache.errors import CheckpointError
-    from server.runtime.settings import ConfigError, load_settings, resolved_placement
+    from server.tools.bench.placement import placement
     from server.tools.bench.prefetch_recall import measure_prefetch_recall
 
     try:
-        device, dtype = resolved_placement(load_settings(args, os.environ, "bench"))
+        device, dtype = placement(args)
         result = measure_prefetch_recall(args.model, pool_size=args.pool_size, device=device, dtype=dtype,
                                          prompts_per_domain=args.prompts_per_domain)
-    except (ConfigError, ValueError, CheckpointError, OSError) as e:
+    except (ValueError, CheckpointError, OSError) as e:  # ConfigError is a ValueError
         print(f"emo-serve bench prefetch: error: {e}", file=sys.stderr)
         return 2
     print(result.table())
